@@ -1,0 +1,41 @@
+"""lora-lite: LoRA-family adapters as forward hooks, one short file per variant."""
+
+from . import variants  # noqa: F401  (registers the built-in variants)
+from .adapter import (
+    AdapterError,
+    LoadError,
+    adapter_state_dict,
+    attach,
+    detach,
+    is_attached,
+    load,
+    read_adapter,
+    save,
+    targets,
+)
+from .config import ConfigError, LoraLiteConfig
+from .target import TargetError, find_targets
+from .variant import REGISTRY, ParamSpec, Variant, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "REGISTRY",
+    "AdapterError",
+    "ConfigError",
+    "LoadError",
+    "LoraLiteConfig",
+    "ParamSpec",
+    "TargetError",
+    "Variant",
+    "adapter_state_dict",
+    "attach",
+    "detach",
+    "find_targets",
+    "is_attached",
+    "load",
+    "read_adapter",
+    "register",
+    "save",
+    "targets",
+]

@@ -1,0 +1,340 @@
+"""attach -> hook -> detach, save -> load: the whole runtime.
+
+`attach` puts `lora_*` tensors on each target layer (so they appear in the model's
+`named_parameters()` and `state_dict()` under their full path), stores a small
+`_LayerState` on the layer as `layer._lora_lite`, freezes every base parameter and
+registers one forward hook (or pre-hook) per layer. `detach` undoes exactly that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .config import ConfigError, LoraLiteConfig
+from .target import dims, find_targets, fingerprint, is_quantized
+from .variant import ParamSpec, Variant, get_variant
+
+FORMAT = "lora-lite"
+FORMAT_VERSION = "1"
+_STATE = "_lora_lite_state"  # on the model
+_LAYER = "_lora_lite"  # on each target layer
+
+
+class AdapterError(RuntimeError):
+    """Misuse of attach/detach/save (attached twice, nothing attached, ...)."""
+
+
+class LoadError(AdapterError):
+    """An adapter file cannot be loaded onto this model; nothing was changed."""
+
+
+@dataclass
+class _LayerState:
+    name: str
+    role: str
+    variant: type[Variant]
+    cfg: LoraLiteConfig
+    scale: float
+    names: tuple[str, ...]  # the lora_* tensors on this layer
+    handle: RemovableHandle | None = None
+    orig_weight: torch.Tensor | None = None  # rewriting variants: the weight before attach
+    fingerprint: str | None = None
+    enabled: bool = True
+    coef: float = 1.0  # steering coefficient (ll.scaled)
+
+
+@dataclass
+class _ModelState:
+    cfg: LoraLiteConfig
+    layers: dict[str, nn.Module]
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- hooks
+
+
+def _forward_hook(layer: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | None:
+    st: _LayerState = layer._lora_lite
+    if not st.enabled:
+        return None
+    return st.variant.forward(layer, args[0].to(st.cfg.dtype), y).to(y.dtype)
+
+
+def _pre_hook(layer: nn.Module, args: tuple) -> tuple | None:
+    st: _LayerState = layer._lora_lite
+    if not st.enabled:
+        return None
+    x = args[0]
+    return (st.variant.forward_input(layer, x.to(st.cfg.dtype)).to(x.dtype), *args[1:])
+
+
+# ---------------------------------------------------------------- plan
+
+
+@dataclass
+class _Target:
+    name: str
+    layer: nn.Module
+    role: str
+    variant: type[Variant]
+    specs: dict[str, ParamSpec]
+
+
+def _plan(model: nn.Module, cfg: LoraLiteConfig) -> list[_Target]:
+    """What attach would add, without touching the model."""
+    base = get_variant(cfg.variant)
+    plan = []
+    for name, layer, role in find_targets(model, cfg):
+        variant = base.route(name, role, cfg)
+        if variant.rewrites_weight and is_quantized(layer):
+            raise ConfigError(
+                f"{name}: variant {variant.name!r} rewrites the weight and needs a dense floating-point weight, "
+                f"but this layer is {type(layer).__name__} with a {layer.weight.dtype} weight. "
+                "Load the base unquantized, or use lora/dora/eva on the quantized base."
+            )
+        d_in, d_out = dims(layer)
+        specs = variant.param_specs(d_in, d_out, cfg)
+        for pname in specs:
+            if not pname.startswith("lora_"):
+                raise ConfigError(f"variant {variant.name!r}: tensor name {pname!r} must start with 'lora_'")
+        plan.append(_Target(name, layer, role, variant, specs))
+    return plan
+
+
+def _state(model: nn.Module) -> _ModelState:
+    st = getattr(model, _STATE, None)
+    if st is None:
+        raise AdapterError(
+            "no lora-lite adapter is attached to this model; call ll.attach(model, cfg) or ll.load first"
+        )
+    return st
+
+
+def is_attached(model: nn.Module) -> bool:
+    return getattr(model, _STATE, None) is not None
+
+
+def _expected(plan: list[_Target], cfg: LoraLiteConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {f"{t.name}.{p}": (tuple(s.shape), s.dtype or cfg.dtype) for t in plan for p, s in t.specs.items()}
+
+
+# ---------------------------------------------------------------- attach / detach
+
+
+def attach(
+    model: nn.Module,
+    cfg: LoraLiteConfig,
+    calibration_data: Any = None,
+    *,
+    _skip_group_init: bool = False,
+) -> list[str]:
+    """Add the adapter described by `cfg` to `model` in place; return the names of the targeted layers.
+
+    Every base parameter is frozen; only trainable `lora_*` tensors require grad. If anything
+    fails half way, everything added so far is removed and the model is as before.
+    """
+    if is_attached(model):
+        raise AdapterError("an adapter is already attached to this model; call ll.detach(model) first")
+    if any(hasattr(m, _LAYER) for m in model.modules()):
+        raise AdapterError("a submodule of this model already carries a lora-lite adapter; detach it first")
+    plan = _plan(model, cfg)
+    state = _ModelState(cfg, {}, {n: p.requires_grad for n, p in model.named_parameters()})
+    setattr(model, _STATE, state)
+    try:
+        for t in plan:
+            dev = t.layer.weight.device
+            st = _LayerState(t.name, t.role, t.variant, cfg, cfg.scale, tuple(t.specs))
+            for pname, spec in t.specs.items():
+                tensor = spec.make(cfg.dtype, dev)
+                if spec.buffer:
+                    t.layer.register_buffer(pname, tensor, persistent=True)
+                else:
+                    t.layer.register_parameter(pname, nn.Parameter(tensor, requires_grad=spec.trainable))
+            setattr(t.layer, _LAYER, st)
+            state.layers[t.name] = t.layer
+            if t.variant.rewrites_weight:
+                st.orig_weight = t.layer.weight.data.clone()
+                st.fingerprint = fingerprint(t.layer)
+            with torch.no_grad():
+                t.variant.init(t.layer, cfg)
+        if not _skip_group_init:
+            for variant in dict.fromkeys(t.variant for t in plan):
+                if variant.group_init is not None:
+                    group = [(t.name, t.layer, t.role) for t in plan if t.variant is variant]
+                    variant.group_init(model, group, cfg, calibration_data)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for t in plan:
+            for pname, spec in t.specs.items():
+                if not spec.buffer and spec.trainable:
+                    getattr(t.layer, pname).requires_grad_(True)
+        for t in plan:
+            st = getattr(t.layer, _LAYER)
+            if hasattr(t.variant, "forward_input"):
+                st.handle = t.layer.register_forward_pre_hook(_pre_hook)
+            else:
+                st.handle = t.layer.register_forward_hook(_forward_hook)
+    except BaseException:
+        _remove(model)
+        raise
+    return [t.name for t in plan]
+
+
+def _remove(model: nn.Module) -> None:
+    state: _ModelState = getattr(model, _STATE)
+    for layer in state.layers.values():
+        st: _LayerState | None = getattr(layer, _LAYER, None)
+        if st is None:
+            continue
+        if st.handle is not None:
+            st.handle.remove()
+        for pname in st.names:
+            if hasattr(layer, pname):
+                delattr(layer, pname)
+        if st.orig_weight is not None:
+            layer.weight.data = st.orig_weight
+        delattr(layer, _LAYER)
+    for n, p in model.named_parameters():
+        if n in state.requires_grad:
+            p.requires_grad_(state.requires_grad[n])
+    delattr(model, _STATE)
+
+
+def detach(model: nn.Module) -> None:
+    """Remove every tensor, hook and attribute `attach` added; restore rewritten weights and requires_grad."""
+    _state(model)
+    _remove(model)
+
+
+def targets(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> layer for every layer carrying the attached adapter."""
+    return dict(_state(model).layers)
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every lora_* parameter and buffer under its full state_dict key (relative to `model`)."""
+    state = _state(model)
+    return {f"{name}.{p}": getattr(layer, p) for name, layer in state.layers.items() for p in layer._lora_lite.names}
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the attached adapter to one .safetensors file, atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    state = _state(model)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+    fps = {n: layer._lora_lite.fingerprint for n, layer in state.layers.items() if layer._lora_lite.fingerprint}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": state.cfg.to_json(),
+        "fingerprints": json.dumps(fps, sort_keys=True),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[LoraLiteConfig, dict[str, str], dict[str, torch.Tensor]]:
+    """Parse and validate a lora-lite file: (config, fingerprints, tensors). Raises LoadError."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"adapter file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise LoadError(
+                    f"{str(path)!r} is a safetensors file but not a lora-lite adapter (no format={FORMAT!r} "
+                    "in its metadata). To load a peft adapter use ll.import_peft."
+                )
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise LoadError(
+                    f"{str(path)!r} has lora-lite format version {meta.get('format_version')!r}; "
+                    f"this lora-lite reads version {FORMAT_VERSION}. Upgrade lora-lite."
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, LoadError):
+            raise
+        raise LoadError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    try:
+        cfg = LoraLiteConfig.from_json(meta["config"])
+        fps = json.loads(meta.get("fingerprints", "{}"))
+    except (KeyError, ValueError, TypeError) as e:
+        raise LoadError(f"{str(path)!r}: the adapter config in its metadata is invalid: {e}") from None
+    return cfg, fps, tensors
+
+
+def load(model: nn.Module, path: str | os.PathLike, *, allow_nonfinite: bool = False) -> list[str]:
+    """Attach the adapter saved in `path` (config from the file) and load its tensors strictly.
+
+    Every check runs before the model is touched: on any error the model is unchanged.
+    No calibration data is needed (data-initialised variants load their tensors from the file).
+    """
+    cfg, fps, tensors = read_adapter(path)
+    if is_attached(model):
+        raise AdapterError("an adapter is already attached to this model; call ll.detach(model) before ll.load")
+    try:
+        plan = _plan(model, cfg)
+    except ValueError as e:
+        raise LoadError(f"adapter {str(path)!r} does not fit this model: {e}") from None
+    for t in plan:
+        if t.name in fps:
+            now = fingerprint(t.layer)
+            if now != fps[t.name]:
+                raise LoadError(
+                    f"{t.name}: base weight fingerprint {now} differs from the one the adapter was made on "
+                    f"({fps[t.name]}). Variant {t.variant.name!r} depends on the exact base weight: "
+                    "load it onto the same base model it was trained on."
+                )
+    expected = _expected(plan, cfg)
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise LoadError(f"adapter {str(path)!r} is missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise LoadError(
+            f"adapter {str(path)!r} has unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all): "
+            "it was made for a different model or targeting"
+        )
+    for k, (shape, dtype) in expected.items():
+        t = tensors[k]
+        if tuple(t.shape) != shape:
+            raise LoadError(f"{k}: shape {tuple(t.shape)} in the file, this model needs {shape}")
+        if t.dtype != dtype:
+            raise LoadError(f"{k}: dtype {t.dtype} in the file, the adapter config says {dtype}")
+        if not allow_nonfinite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LoadError(f"{k}: contains NaN or inf values; pass allow_nonfinite=True to load it anyway")
+    names = attach(model, cfg, _skip_group_init=True)
+    try:
+        with torch.no_grad():
+            for k, v in adapter_state_dict(model).items():
+                v.copy_(tensors[k])
+    except BaseException:
+        detach(model)
+        raise
+    return names

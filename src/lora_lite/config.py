@@ -1,0 +1,116 @@
+"""`LoraLiteConfig`: every knob of an adapter, validated on construction, JSON round-trip."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+ROLES = ("reader", "writer", "inner")
+
+
+class ConfigError(ValueError):
+    """A `LoraLiteConfig` field has an invalid value."""
+
+
+def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        if name not in _DTYPES.values():
+            raise ConfigError(f"dtype {name} is not supported for adapters; use one of {sorted(_DTYPES)}")
+        return name
+    key = str(name).removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class LoraLiteConfig:
+    """What to attach and where. See SPEC.md / README for each field."""
+
+    variant: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    dtype: torch.dtype = torch.float32
+    target_roles: tuple[str, ...] = ("reader", "writer")
+    target_names: tuple[str, ...] = ()
+    exclude_names: tuple[str, ...] = ("lm_head", "embed_tokens")
+    layers: tuple[int, ...] | None = None
+    variant_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .variant import get_variant  # late import: variants import this module
+
+        get_variant(self.variant)  # raises with the registered names
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"r must be an integer >= 1, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ConfigError(f"alpha must be a finite number, got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        self.dtype = dtype_from_name(self.dtype)
+        for fname in ("target_roles", "target_names", "exclude_names"):
+            val = getattr(self, fname)
+            if isinstance(val, str):
+                raise ConfigError(f"{fname} must be a tuple of strings, not the string {val!r} (write ({val!r},))")
+            setattr(self, fname, tuple(val))
+        bad = [r for r in self.target_roles if r not in ROLES]
+        if bad:
+            raise ConfigError(f"unknown target_roles {bad}; roles are {ROLES}")
+        if self.layers is not None:
+            if isinstance(self.layers, int):
+                self.layers = (self.layers,)
+            self.layers = tuple(int(i) for i in self.layers)
+        if not isinstance(self.variant_kwargs, dict):
+            raise ConfigError(f"variant_kwargs must be a dict, got {type(self.variant_kwargs).__name__}")
+        try:
+            json.dumps(self.variant_kwargs)
+        except TypeError as e:
+            raise ConfigError(f"variant_kwargs must be JSON-serialisable (it is saved with the adapter): {e}") from None
+        get_variant(self.variant).validate(self)
+
+    @property
+    def scale(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with variant_kwargs use_rslora=True."""
+        if self.variant_kwargs.get("use_rslora", False):
+            return self.alpha / math.sqrt(self.r)
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dtype"] = dtype_name(self.dtype)
+        for k in ("target_roles", "target_names", "exclude_names", "layers"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoraLiteConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown config fields {sorted(unknown)}; known fields are {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> LoraLiteConfig:
+        return cls.from_dict(json.loads(s))

@@ -1,0 +1,136 @@
+"""Structural targeting: which modules are linear-like, their roles, and their dense weight.
+
+"Linear-like" = has `weight` and either `in_features`/`out_features` (nn.Linear, bitsandbytes
+Linear4bit/Linear8bitLt) or `nx`/`nf` (transformers' GPT-2 `Conv1D`, weight stored (d_in, d_out)).
+Roles by shape against the model width d_model:
+  reader: in == d_model != out   (up/gate projections)
+  writer: out == d_model != in   (down projections)
+  inner:  everything else        (square q/o projections, ...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+
+import torch
+from torch import nn
+
+from .config import LoraLiteConfig
+
+_BLOCK_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)(?:\.|$)")
+
+
+class TargetError(ValueError):
+    """Targeting matched nothing, or a target cannot carry the requested variant."""
+
+
+def is_linear_like(m: nn.Module) -> bool:
+    if getattr(m, "weight", None) is None:
+        return False
+    return (hasattr(m, "in_features") and hasattr(m, "out_features")) or (hasattr(m, "nx") and hasattr(m, "nf"))
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' GPT-2 Conv1D: y = x @ W + b with W of shape (d_in, d_out)."""
+    return not hasattr(m, "in_features") and hasattr(m, "nx") and hasattr(m, "nf")
+
+
+def dims(m: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear-like module, from its attributes (never from a packed weight)."""
+    if is_conv1d(m):
+        return int(m.nx), int(m.nf)
+    return int(m.in_features), int(m.out_features)
+
+
+def is_quantized(m: nn.Module) -> bool:
+    return not torch.is_floating_point(m.weight) or hasattr(m.weight, "quant_state") or hasattr(m.weight, "SCB")
+
+
+def dense_weight(m: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The layer's weight as a dense (d_out, d_in) tensor: dequantized (bitsandbytes), un-transposed (Conv1D)."""
+    w = m.weight
+    if hasattr(w, "quant_state"):  # bitsandbytes 4-bit
+        import bitsandbytes.functional as bnbF
+
+        return bnbF.dequantize_4bit(w.data, w.quant_state).to(dtype)
+    if not torch.is_floating_point(w):  # bitsandbytes 8-bit: int8 rows with per-row absmax SCB
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(m, "state", None), "SCB", None)
+        if scb is None:
+            raise TargetError(f"cannot dequantize the {w.dtype} weight of {type(m).__name__}")
+        return (w.data.to(torch.float32) * scb.to(torch.float32).unsqueeze(1) / 127.0).to(dtype)
+    w = w.detach()
+    return (w.t() if is_conv1d(m) else w).to(dtype)
+
+
+def set_dense_weight(m: nn.Module, w: torch.Tensor) -> None:
+    """Write a dense (d_out, d_in) weight back in the layer's own layout and dtype."""
+    new = (w.t() if is_conv1d(m) else w).to(m.weight.dtype).contiguous()
+    m.weight.data = new
+
+
+def fingerprint(m: nn.Module) -> str:
+    """sha256 of the weight's raw bytes (exact: any changed bit changes it)."""
+    t = m.weight.detach().cpu().contiguous()
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
+
+
+def model_width(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    for attr in ("hidden_size", "d_model", "n_embd"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int):
+            return v
+    counts = Counter(dims(m)[0] for _, m in model.named_modules() if is_linear_like(m))
+    if not counts:
+        raise TargetError(f"{type(model).__name__} has no linear-like modules (nothing with weight + in/out features)")
+    return counts.most_common(1)[0][0]
+
+
+def role_of(m: nn.Module, d_model: int) -> str:
+    d_in, d_out = dims(m)
+    if d_in == d_model and d_out != d_model:
+        return "reader"
+    if d_out == d_model and d_in != d_model:
+        return "writer"
+    return "inner"
+
+
+def block_index(name: str) -> int | None:
+    """Transformer block index parsed from a module name (`model.layers.3.mlp`, `h.3.attn`)."""
+    found = _BLOCK_RE.findall(name)
+    return int(found[-1]) if found else None
+
+
+def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    d_model = model_width(model)
+    return [(n, m, role_of(m, d_model)) for n, m in model.named_modules() if is_linear_like(m)]
+
+
+def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, role) of every linear-like module that passes the config's filters."""
+    everything = linear_modules(model)
+    out = []
+    for name, m, role in everything:
+        if any(re.search(p, name) for p in cfg.exclude_names):
+            continue
+        if cfg.target_names:
+            if not any(re.search(p, name) for p in cfg.target_names):
+                continue
+        elif role not in cfg.target_roles:
+            continue
+        if cfg.layers is not None and block_index(name) not in cfg.layers:
+            continue
+        out.append((name, m, role))
+    if not out:
+        listing = "\n".join(f"  {n}  {role}  {dims(m)[0]}->{dims(m)[1]}" for n, m, role in everything[:60])
+        more = f"\n  ... and {len(everything) - 60} more" if len(everything) > 60 else ""
+        raise TargetError(
+            f"no module matched target_roles={cfg.target_roles} target_names={cfg.target_names} "
+            f"exclude_names={cfg.exclude_names} layers={cfg.layers}. "
+            f"Linear-like modules (name, role, d_in->d_out):\n{listing or '  (none)'}{more}"
+        )
+    return out

@@ -1,0 +1,113 @@
+"""The variant contract: `ParamSpec`, the `Variant` base class, `REGISTRY` and `register`.
+
+A variant owns the map `(x, layer.weight, layer.lora_*) -> new output` and nothing
+else. The runtime (`adapter.py`) creates the tensors a variant asks for in
+`param_specs`, calls `init` once per layer (and `group_init` once per model for
+data-driven variants), then calls `forward` from a forward hook (or
+`forward_input` from a pre-hook) on every call of the layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from .config import LoraLiteConfig
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One adapter tensor. `init` is "zeros", "ones", "kaiming" or a callable filling the tensor in place.
+
+    `buffer=True` registers a persistent buffer (saved, never trained) instead of a Parameter.
+    `dtype=None` means the config's adapter dtype.
+    """
+
+    shape: tuple[int, ...]
+    init: str | Callable[[torch.Tensor], Any] = "zeros"
+    trainable: bool = True
+    buffer: bool = False
+    dtype: torch.dtype | None = None
+
+    def make(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        t = torch.empty(self.shape, dtype=self.dtype or dtype, device=device)
+        with torch.no_grad():
+            if callable(self.init):
+                self.init(t)
+            elif self.init == "zeros":
+                t.zero_()
+            elif self.init == "ones":
+                t.fill_(1.0)
+            elif self.init == "kaiming":  # nn.Linear's and peft's lora_A init
+                nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+            else:
+                raise ValueError(f"unknown ParamSpec init {self.init!r}")
+        return t
+
+
+class Variant:
+    """Base class; subclasses are used as namespaces of static methods (no instances)."""
+
+    name: str = ""
+    # True for variants that replace `layer.weight` (pissa, antipasto): the runtime keeps the
+    # original for `detach`, fingerprints it for `load`, and refuses quantized bases.
+    rewrites_weight: bool = False
+    # True for variants that read dense values of `layer.weight` in init or forward.
+    reads_weight: bool = False
+
+    @staticmethod
+    def validate(cfg: LoraLiteConfig) -> None:
+        """Config-level checks (e.g. HRA's even r). Raise `ConfigError` with the fix."""
+
+    @classmethod
+    def route(cls, name: str, role: str, cfg: LoraLiteConfig) -> type[Variant]:
+        """The variant class that handles this target (ia3 sends feed-forward layers to ia3_ff)."""
+        return cls
+
+    @staticmethod
+    def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
+        raise NotImplementedError
+
+    @staticmethod
+    def init(layer: nn.Module, cfg: LoraLiteConfig) -> None:
+        """Per-layer init from the layer's weight. Default: the ParamSpec inits are enough."""
+
+    group_init: Callable[..., None] | None = None  # (model, targets, cfg, calibration_data)
+
+
+REGISTRY: dict[str, type[Variant]] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: add a variant to `REGISTRY` under `cls.name`."""
+    if not getattr(cls, "name", ""):
+        raise ValueError(f"{cls.__name__} needs a non-empty `name` to be registered")
+    if not (hasattr(cls, "forward") or hasattr(cls, "forward_input")):
+        raise ValueError(f"variant {cls.name!r} must define forward(layer, x, y) or forward_input(layer, x)")
+    if not issubclass(cls, Variant):  # allow plain classes, as in the spec: give them the defaults
+        cls = type(cls.__name__, (cls, Variant), {})
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_variant(name: str) -> type[Variant]:
+    if name not in REGISTRY:
+        from .config import ConfigError
+
+        raise ConfigError(f"unknown variant {name!r}; registered variants: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def dropout(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The adapter-input dropout of the config, active in training mode only."""
+    p = layer._lora_lite.cfg.dropout
+    if p == 0.0 or not layer.training:
+        return x
+    return F.dropout(x, p, training=True)

@@ -1,0 +1,42 @@
+"""LoRA. Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685.
+
+    y' = y + s · (drop(x) Aᵀ) Bᵀ        A: (r, d_in), B: (d_out, r)
+    s  = alpha / r                    (rsLoRA, Kalajdzievski 2023, arXiv 2312.03732: s = alpha / √r,
+                                       variant_kwargs={"use_rslora": True})
+
+Init: A ~ kaiming-uniform(a=√5) (nn.Linear's default, as peft's init_lora_weights=True), B = 0.
+Identity at init: B = 0 makes the update exactly zero, so y' == y bit for bit; B gets a
+non-zero gradient (x Aᵀ ≠ 0) on step 1, A from step 2 on.
+
+Checked against peft 0.21.2 `peft/tuners/lora/layer.py`: `LoraLayer.update_layer` (scaling,
+rslora), `reset_lora_parameters` (init), `Linear.forward` (`result + lora_B(lora_A(dropout(x))) * scaling`).
+Deviation: none in the math. We apply s to the r-dim intermediate instead of the d_out-dim
+output (same value, fewer flops).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LoraLiteConfig
+from ..variant import ParamSpec, Variant, dropout, register
+
+
+@register
+class LoRA(Variant):
+    name = "lora"
+
+    @staticmethod
+    def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
+        return {
+            "lora_A": ParamSpec((cfg.r, d_in), init="kaiming"),
+            "lora_B": ParamSpec((d_out, cfg.r), init="zeros"),
+        }
+
+    @staticmethod
+    def forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s = layer._lora_lite.scale
+        delta = F.linear(F.linear(dropout(layer, x), layer.lora_A) * s, layer.lora_B)
+        return y + delta.to(y.dtype)
