@@ -50,6 +50,7 @@ class _LayerState:
     fingerprint: str | None = None
     enabled: bool = True
     coef: float = 1.0  # steering coefficient (ll.scaled)
+    cache: dict[str, Any] = field(default_factory=dict)  # variant-private, never saved (e.g. frozen norms)
 
 
 @dataclass
