@@ -19,6 +19,10 @@ ALL_ROLES = ("reader", "writer", "inner")
 
 CASES: dict[str, dict] = {
     "lora": dict(cfg=dict(r=4, alpha=8.0), rtol=None, lr=1e-2),
+    "dora": dict(cfg=dict(r=4, alpha=8.0), rtol=None, lr=1e-2),
+    "delora": dict(cfg=dict(r=4), rtol=None, lr=1e-2),
+    # hra: paired reflections cancel to fp32 rounding (~r*eps per layer through the WY form), not bit-exact
+    "hra": dict(cfg=dict(r=4), rtol=1e-5, lr=1e-2),
 }
 
 

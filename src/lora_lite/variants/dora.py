@@ -1,0 +1,118 @@
+"""DoRA. Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv 2402.09353.
+
+    V  = W + s·B A                                   W: (d_out, d_in), A: (r, d_in), B: (d_out, r)
+    g  = m / sg(‖V‖_row)                             m: (d_out,), sg = stop-gradient (paper §4.3, peft)
+    y' = b + g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ)                the bias b is NOT scaled
+
+computed as peft does, as a correction added to the base output y = x Wᵀ + b:
+
+    y' = y + (g − 1) ⊙ (y − b) + g ⊙ s·(drop(x) Aᵀ) Bᵀ
+
+Dropout (peft `DoraLinearVariant.forward`, lora/variants.py:230-257): when dropout is active
+(training and p > 0) peft feeds the *dropped* input to the whole DoRA term, so the base part of the
+correction is recomputed as drop(x) Wᵀ instead of taken from y:
+
+    y' = y + (g − 1) ⊙ drop(x) Wᵀ + g ⊙ s·(drop(x) Aᵀ) Bᵀ
+
+We do the same (one extra base matmul, training with dropout only). In eval or with p = 0 the base
+part comes for free from the hook's y.
+
+Row norm without materialising V (d_out × d_in) every call:
+
+    ‖V‖²_row = ‖W‖²_row + 2s·rowsum(B ⊙ (W Aᵀ)) + s²·rowsum((B (A Aᵀ)) ⊙ B)
+
+‖W‖²_row is cached per layer at init (`layer._lora_lite.cache`, fp32, never saved: recomputed on
+attach/load); W Aᵀ (d_out × r) is one thin matmul against the stored weight (dense bases) or the
+dequantized weight (bitsandbytes bases, as peft dequantizes every forward). Everything under
+no_grad since the norm is detached. It equals peft's `linalg.norm(W + s·BA, dim=1)` to fp32 rounding
+(relative error ~ eps·‖W‖²/‖V‖²; only catastrophic if a row of V is ~0, where DoRA is singular anyway).
+
+Init (peft `DoraLinearLayer.update_layer`, lora/dora.py:101-130): A kaiming-uniform(a=√5), B = 0,
+m = ‖W‖_row. Here m = sqrt(cached ‖W‖²_row), so with B = 0 the forward computes the bit-identical
+norm, g == 1 exactly, (g − 1) = 0 and the output equals y bit for bit.
+Gradients: step 1: m gets (y − b) ⊙ dL/dy' ≠ 0 and B gets the LoRA gradient (x Aᵀ ≠ 0); A from step 2.
+
+Quantized bases (bitsandbytes 4/8-bit): supported; ‖W‖ and W Aᵀ use `dense_weight` (dequantized).
+GPT-2 Conv1D: row norms of the (d_out, d_in) view. Bias None: b = 0.
+
+Checked against peft 0.21.2 `peft/tuners/lora/dora.py` (`get_weight_norm` 85-91, `update_layer`
+101-130, `forward` 132-166: norm detached at 152, `(mag_norm_scale - 1) * base_result +
+mag_norm_scale * lora_result * scaling` at 165) and `peft/tuners/lora/variants.py`
+(`DoraLinearVariant.forward` 230-257, dropout handling 242-246).
+Deviations: the norm formula above (same value to rounding, no d_out × d_in temporary); the norm is
+computed in fp32 whatever `cfg.dtype` (peft: in x's dtype). Caveat: ‖W‖²_row is cached at attach, so
+editing the base weight in place afterwards requires detach + attach.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LoraLiteConfig
+from ..target import dense_weight, is_conv1d, is_quantized
+from ..variant import ParamSpec, Variant, dropout, register
+
+
+def _x_Wt(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ without the bias, in x's dtype (dequantizes bitsandbytes weights, handles Conv1D's layout)."""
+    if is_quantized(layer):
+        return F.linear(x, dense_weight(layer, x.dtype))
+    w = layer.weight.to(x.dtype)
+    return x @ w if is_conv1d(layer) else F.linear(x, w)
+
+
+def _w_sq(layer: nn.Module, device: torch.device) -> torch.Tensor:
+    """Cached ‖W‖²_row (fp32, (d_out,)), moved along if the model moved device."""
+    cache = layer._lora_lite.cache
+    w_sq = cache.get("w_sq")
+    if w_sq is None:
+        W = dense_weight(layer)
+        w_sq = cache["w_sq"] = (W * W).sum(1)
+    elif w_sq.device != device:
+        w_sq = cache["w_sq"] = w_sq.to(device)
+    return w_sq
+
+
+@torch.no_grad()
+def weight_norm(layer: nn.Module) -> torch.Tensor:
+    """‖W + s·B A‖_row in fp32, detached, without forming W + s·B A."""
+    s = layer._lora_lite.scale
+    A, B = layer.lora_A.float(), layer.lora_B.float()
+    WAt = _x_Wt(layer, A).T  # (d_out, r)
+    n2 = _w_sq(layer, A.device) + 2 * s * (B * WAt).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
+    return n2.clamp_min(0).sqrt()
+
+
+@register
+class DoRA(Variant):
+    name = "dora"
+    reads_weight = True
+
+    @staticmethod
+    def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
+        return {
+            "lora_A": ParamSpec((cfg.r, d_in), init="kaiming"),
+            "lora_B": ParamSpec((d_out, cfg.r), init="zeros"),
+            "lora_m": ParamSpec((d_out,), init="zeros"),  # set to ‖W‖_row in init
+        }
+
+    @staticmethod
+    def init(layer: nn.Module, cfg: LoraLiteConfig) -> None:
+        layer._lora_lite.cache.pop("w_sq", None)
+        layer.lora_m.copy_(_w_sq(layer, layer.lora_m.device).sqrt())
+
+    @staticmethod
+    def forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s = layer._lora_lite.scale
+        g = layer.lora_m / weight_norm(layer).to(x.dtype)  # (d_out,), gradient to m only
+        xd = dropout(layer, x)
+        if xd is x:  # no dropout: the base part is y - b
+            b = layer.bias
+            base = y.to(x.dtype) if b is None else y.to(x.dtype) - b.to(x.dtype)
+        else:  # dropout active: peft recomputes the base part on the dropped input
+            base = _x_Wt(layer, xd)
+        lora = F.linear(F.linear(xd, layer.lora_A), layer.lora_B)
+        delta = (g - 1) * base + g * lora * s
+        return y + delta.to(y.dtype)

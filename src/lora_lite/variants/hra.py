@@ -1,0 +1,107 @@
+"""HRA. Yuan et al. 2024, "Bridging The Gap between Low-rank and Orthogonal Adaptation via Householder
+Reflection Adaptation", arXiv 2405.17484.
+
+    y' = W (H_1 H_2 … H_r x) + b,     H_i = I − 2 u_i u_iᵀ / ‖u_i‖²,     U = [u_1; …; u_r]: (r, d_in)
+
+(peft's order: `get_delta_weight` builds Q = H_1 H_2 … H_r by right-multiplication and uses W Q, so
+H_r touches x first.) A pre-hook replaces x by Q x; the base layer does the rest, so any base works,
+quantized or Conv1D, and its weight is never read. Q is never built: with Y the normalised rows of
+U, the compact WY form of a Householder product (Schreiber & Van Loan 1989; T⁻¹ as in Joffrain et
+al. 2006, "Accumulating Householder transformations, revisited") gives
+
+    Q = I − Yᵀ T Y,     T⁻¹ = ½ I + striu(Y Yᵀ)   (r × r upper triangular)
+    x' = x − ((x Yᵀ) Tᵀ) Y                                 (row-vector convention, x: (…, d_in))
+
+two thin matmuls per call plus an r × r triangular solve. Measured on CPU (2 threads, tokens=1024,
+d_in=512, r=8): WY 2.9 ms forward / 6.1 ms forward+backward, r sequential rank-1 reflections
+7.4 ms / 470 ms, peft's dense d_in × d_in product 14.7 ms / 42 ms.
+
+apply_GS (variant_kwargs, default False, peft's `apply_GS`): modified Gram-Schmidt on u_1 … u_r in
+order (exactly peft's loop) gives orthonormal q_i and Q = I − 2 Σ q_i q_iᵀ, applied as
+x' = x − 2 (x Qᵣᵀ) Qᵣ. Caveat, as in peft: this is NOT identity at init (reflections in orthonormal
+directions never cancel, and GS of two identical vectors normalises rounding noise).
+
+Init (peft `reset_hra_parameters`, hra/layer.py:107-115): kaiming-uniform(a=√5) on a (d_in, r/2)
+tensor (so the bound is 1/√(r/2), same RNG draws as peft), each vector repeated in two adjacent
+slots: u_1 = u_2, u_3 = u_4, … Identity at init: H_i H_i = I, so Q = I up to fp32 rounding (the WY
+terms of a pair cancel to ~r·eps; not bit-exact). Gradient: dQ/du_i ≠ 0 at a cancelling pair
+(d(H(u+ε)H(u)) ≠ 0), so every u_i gets a gradient on step 1. r must be even (odd r: ConfigError),
+because an unpaired reflection has determinant −1 and cannot be the identity.
+
+Checked against peft 0.21.2 `peft/tuners/hra/layer.py`: `update_layer` 54-105 (hra_u is (d_in, r):
+our lora_U = hra_uᵀ), `reset_hra_parameters` 107-115, `get_delta_weight` 215-243 (normalisation
+without eps at 232, GS at 221-229), `HRALinear.forward` 245-275. Deviations: peft has no dropout for
+HRA, so dropout > 0 raises (it would also drop the base path); odd r raises (peft warns and falls
+back to a random, non-identity init); W (Q x) instead of (W Q) x (same value to fp32 rounding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, LoraLiteConfig
+from ..variant import ParamSpec, Variant, register
+
+
+def symmetric_init(t: torch.Tensor) -> None:
+    """peft's symmetric init on lora_U (r, d_in): kaiming on r/2 vectors, each repeated twice, adjacent."""
+    r, d_in = t.shape
+    half = torch.zeros(d_in, r // 2, device=t.device, dtype=t.dtype)
+    nn.init.kaiming_uniform_(half, a=math.sqrt(5))
+    t.copy_(torch.repeat_interleave(half, 2, dim=1).T)
+
+
+def gram_schmidt(U: torch.Tensor) -> torch.Tensor:
+    """Modified Gram-Schmidt on the rows of U, in order, exactly as peft's loop (no eps)."""
+    Q = [U[0] / U[0].norm()]
+    for i in range(1, U.shape[0]):
+        u = U[i]
+        for q in Q:
+            u = u - (q @ u) * q
+        Q.append(u / u.norm())
+    return torch.stack(Q)
+
+
+def householder_product(U: torch.Tensor, x: torch.Tensor, apply_GS: bool = False) -> torch.Tensor:
+    """x' with x'ᵀ = H_1 … H_r xᵀ for x (…, d_in), in compact WY form (no d_in × d_in matrix)."""
+    if apply_GS:
+        Q = gram_schmidt(U)
+        return x - 2 * ((x @ Q.T) @ Q)
+    Y = U / U.norm(dim=1, keepdim=True)
+    eye = torch.eye(U.shape[0], device=U.device, dtype=U.dtype)
+    T = torch.linalg.solve_triangular(torch.triu(Y @ Y.T, 1) + 0.5 * eye, eye, upper=True)
+    return x - ((x @ Y.T) @ T.T) @ Y
+
+
+@register
+class HRA(Variant):
+    name = "hra"
+
+    @staticmethod
+    def validate(cfg: LoraLiteConfig) -> None:
+        if cfg.r % 2:
+            raise ConfigError(
+                f"hra: r must be even, got r={cfg.r}. HRA starts at the identity by pairing identical "
+                "Householder reflections (H H = I); an odd r leaves one reflection unpaired, which is never "
+                f"the identity. Use r={cfg.r + 1} or r={cfg.r - 1}."
+            )
+        if cfg.dropout:
+            raise ConfigError(
+                f"hra: dropout={cfg.dropout} is not supported (HRA rotates the input of the base layer, so "
+                "dropout there would drop the base path too; peft's HRA has no dropout). Set dropout=0."
+            )
+        gs = cfg.variant_kwargs.get("apply_GS", False)
+        if not isinstance(gs, bool):
+            raise ConfigError(f"hra: variant_kwargs['apply_GS'] must be True or False, got {gs!r}")
+
+    @staticmethod
+    def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
+        return {"lora_U": ParamSpec((cfg.r, d_in), init=symmetric_init)}
+
+    @staticmethod
+    def forward_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        gs = layer._lora_lite.cfg.variant_kwargs.get("apply_GS", False)
+        return householder_product(layer.lora_U, x, gs)
