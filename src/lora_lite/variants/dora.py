@@ -26,6 +26,8 @@ attach/load); W Aᵀ (d_out × r) is one thin matmul against the stored weight (
 dequantized weight (bitsandbytes bases, as peft dequantizes every forward). Everything under
 no_grad since the norm is detached. It equals peft's `linalg.norm(W + s·BA, dim=1)` to fp32 rounding
 (relative error ~ eps·‖W‖²/‖V‖²; only catastrophic if a row of V is ~0, where DoRA is singular anyway).
+Measured (CPU, 1 thread, r=8, best of 15): d=512: 0.23 ms vs 1.3 ms forming V vs 2.2 ms for peft's
+eye-matmul; d=2048: 2.3 ms vs 20 ms vs 130 ms; max relative difference to the dense norm 2.3e-7.
 
 Init (peft `DoraLinearLayer.update_layer`, lora/dora.py:101-130): A kaiming-uniform(a=√5), B = 0,
 m = ‖W‖_row. Here m = sqrt(cached ‖W‖²_row), so with B = 0 the forward computes the bit-identical
