@@ -23,7 +23,24 @@ CASES: dict[str, dict] = {
     "delora": dict(cfg=dict(r=4), rtol=None, lr=1e-2),
     # hra: paired reflections cancel to fp32 rounding (~r*eps per layer through the WY form), not bit-exact
     "hra": dict(cfg=dict(r=4), rtol=1e-5, lr=1e-2),
+    "ia3": dict(cfg=dict(variant_kwargs={"feedforward_roles": ["writer"]}), rtol=None, lr=1e-1),
+    "ia3_ff": dict(cfg=dict(), rtol=None, lr=1e-1),
+    "eva": dict(cfg=dict(r=4, alpha=8.0), rtol=None, lr=1e-2, calib=lambda model, kind: _eva_calib(kind)),
 }
+
+
+def _eva_calib(kind: str) -> list:
+    """A few batches: random input_ids with some padding (llama), or a list of (n, 16) tensors (toy)."""
+    g = torch.Generator().manual_seed(7)
+    if kind == "toy":
+        return [torch.randn(8, 16, generator=g) for _ in range(3)]
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(0, 128, (2, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
 
 
 def _model(kind: str):

@@ -1,0 +1,236 @@
+"""EVA. Paischer et al. 2024, "One Initialization to Rule them All: Fine-tuning via Explained Variance
+Adaptation", arXiv 2410.07170.
+
+LoRA whose A is initialised from data: the top-r principal directions of each target's inputs.
+
+    y' = y + s · (drop(x) Aᵀ) Bᵀ          exactly lora's forward (we call `LoRA.forward`)
+    X  = the layer's inputs over the calibration data, one row per non-padding token: (n, d_in)
+    μ  = mean of the rows;  Xc = X − 1μᵀ            (peft's IncrementalPCA centres, incremental_pca.py L261-266)
+    Xc = U Σ Vᵀ  →  A = V_rᵀ  (top-r right singular vectors, largest first), B = 0
+    whiten=True:  A_i = V_i / √σ_i                  (peft eva.py L497-498: components / sqrt(singular_values))
+
+Computed exactly and in one streaming pass: per target we accumulate, in float64 over all batches,
+the scatter S = XᵀX, the sum Σx and the count n, then once
+    Xcᵀ Xc = S − (Σx)(Σx)ᵀ / n = V Σ² Vᵀ      (torch.linalg.eigh; σ_i = √λ_i)
+Memory is d_in² float64 per target (128 MiB at d_in = 4096). Signs follow peft's `_svd_flip(...,
+u_based_decision=False)`: the largest-|.| entry of each A row is positive.
+
+Relation to peft (0.21.2 `peft/tuners/lora/eva.py`, `peft/utils/incremental_pca.py`): peft feeds batches
+to an IncrementalPCA (randomized `svd_lowrank`, q = 2r, niter 4) cycling over the dataloader until the
+components' cosine similarity between steps exceeds tau (0.99), then takes the top components. That
+approximates the same centred top-r subspace that we compute exactly, so once peft has converged the two
+agree up to sign and its approximation error (compare with principal angles). Masking as peft
+(`prepare_model_inputs_fn_language_modeling` L255-268): rows where attention_mask == 0, and rows where
+labels == label_mask_value (-100) when `use_label_mask` (default True) and the batch has labels, are
+excluded. Rank: uniform r on every target, which equals peft with `rho=1.0` (eva.py L359-369: each
+layer's max_components = round(r·rho) = r and the budget is Σr, so the redistribution L323-336 gives every
+layer exactly r); peft's default rho=2.0 redistributes ranks, which we do not. peft's check that two
+layers see equal inputs (HashHook) is only a speed-up and is not done here. whiten scales by the singular
+values of all rows of one pass; peft's scale depends on how many rows it saw before converging.
+
+Identity at init: B = 0 makes the update exactly zero. lora_A is a trainable Parameter (as in peft,
+unlike the original project, which froze it): B gets a gradient on step 1 (x Aᵀ ≠ 0), A from step 2.
+`ll.load` does not run `group_init` and needs no calibration data: A and B come from the file.
+Under torch.distributed, S, Σx and n are summed over ranks before the eigh (`_sum_over_ranks`): A is that
+of all ranks' calibration shards together, the same on every rank (tests/test_distributed.py).
+
+variant_kwargs: use_rslora (as lora), whiten (False), use_label_mask (True), label_mask_value (-100),
+show_progress_bar (True; tqdm if importable and stderr is a tty, silent otherwise).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, LoraLiteConfig
+from ..variant import ParamSpec, Variant, register
+from .lora import LoRA
+
+_KWARGS = {
+    "use_rslora": bool,
+    "whiten": bool,
+    "use_label_mask": bool,
+    "label_mask_value": int,
+    "show_progress_bar": bool,
+}
+
+
+class _Scatter:
+    """Streaming float64 XᵀX, Σx and n of the rows one layer sees."""
+
+    def __init__(self, d: int, device: torch.device) -> None:
+        self.xtx = torch.zeros(d, d, dtype=torch.float64, device=device)
+        self.sum = torch.zeros(d, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.to(self.xtx.device, torch.float64)
+        self.xtx.addmm_(x.T, x)
+        self.sum += x.sum(0)
+        self.n += x.shape[0]
+
+    def top(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V_rᵀ (r, d), σ_r (r,)) of the centred rows, largest σ first, peft's sign convention."""
+        cov = self.xtx - torch.outer(self.sum, self.sum) / self.n  # Xcᵀ Xc
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        v = evecs[:, -r:].flip(-1).T.contiguous()  # (r, d)
+        sigma = evals[-r:].flip(-1).clamp_min(0).sqrt()
+        idx = v.abs().argmax(dim=1)
+        v *= torch.sign(v[torch.arange(r, device=v.device), idx]).unsqueeze(1)
+        return v, sigma
+
+
+def _sum_over_ranks(stats: dict[str, _Scatter]) -> None:
+    """Under torch.distributed (DDP, FSDP), sum XᵀX, Σx and n over all ranks before the PCA.
+
+    They are sums over rows, so A is then exactly that of all ranks' calibration data together: each rank
+    passes its own shard (as with a DistributedSampler), and every rank must call attach (a collective).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for st in stats.values():
+        n = torch.tensor(float(st.n), dtype=torch.float64, device=st.xtx.device)  # exact below 2**53 rows
+        for t in (st.xtx, st.sum, n):
+            dist.all_reduce(t)
+        st.n = int(n.item())
+
+
+def _progress(it: Iterable, show: bool) -> Iterable:
+    if not show:
+        return it
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional
+        return it
+    return tqdm(it, desc="eva calibration", leave=False, disable=None)  # disable=None: off when not a tty
+
+
+def _forward_names(model: nn.Module) -> set[str]:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _rows(name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Flatten a layer input to (tokens, d_in), dropping masked (padding) tokens."""
+    if mask is None:
+        return x.reshape(-1, x.shape[-1])
+    if tuple(x.shape[:-1]) == tuple(mask.shape):
+        return x[mask]
+    if x.dim() == 2 and x.shape[0] == mask.numel():
+        return x[mask.reshape(-1)]
+    raise ConfigError(
+        f"{name}: eva cannot line up this layer's input of shape {tuple(x.shape)} with the batch's "
+        f"attention mask of shape {tuple(mask.shape)} (it expects (..., d_in) with leading dims equal to the "
+        "mask's). Pass batches without attention_mask/labels if they have no padding."
+    )
+
+
+@register
+class EVA(Variant):
+    name = "eva"
+
+    @staticmethod
+    def validate(cfg: LoraLiteConfig) -> None:
+        for k, v in cfg.variant_kwargs.items():
+            if k not in _KWARGS:
+                raise ConfigError(f"eva: unknown variant_kwargs key {k!r}; eva accepts {sorted(_KWARGS)}")
+            if isinstance(v, bool) is not (_KWARGS[k] is bool) or not isinstance(v, _KWARGS[k]):
+                raise ConfigError(f"eva: variant_kwargs[{k!r}] must be a {_KWARGS[k].__name__}, got {v!r}")
+
+    @staticmethod
+    def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
+        return {
+            "lora_A": ParamSpec((cfg.r, d_in), init="zeros"),  # set by group_init (attach) or the file (load)
+            "lora_B": ParamSpec((d_out, cfg.r), init="zeros"),
+        }
+
+    forward = staticmethod(LoRA.forward)
+
+    @staticmethod
+    def group_init(
+        model: nn.Module, targets: list[tuple[str, nn.Module, str]], cfg: LoraLiteConfig, calibration_data: Any
+    ) -> None:
+        """Run `calibration_data` through `model` (eval mode, no grad, temporary hooks); set A = top-r PCs."""
+        if calibration_data is None:
+            raise ConfigError(
+                "eva needs calibration_data=... at attach: a DataLoader or iterable of batches (tensors, or dicts "
+                "with input_ids and optionally attention_mask/labels). ll.load needs none."
+            )
+        kw = cfg.variant_kwargs
+        r = cfg.r
+        for name, layer, _ in targets:
+            if r > layer.lora_A.shape[1]:
+                raise ConfigError(f"{name}: eva rank r={r} exceeds the layer's d_in={layer.lora_A.shape[1]}")
+        stats = {name: _Scatter(layer.lora_A.shape[1], layer.lora_A.device) for name, layer, _ in targets}
+        current: dict[str, torch.Tensor | None] = {"mask": None}
+
+        def make_hook(name: str):
+            def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+                x = args[0] if args else kwargs["input"]
+                stats[name].add(_rows(name, x.detach(), current["mask"]))
+
+            return hook
+
+        device = next(model.parameters()).device
+        names = _forward_names(model)
+        was_training = model.training
+        handles = [layer.register_forward_hook(make_hook(n), with_kwargs=True) for n, layer, _ in targets]
+        n_batches = 0
+        try:
+            model.eval()
+            with torch.no_grad():
+                for batch in _progress(calibration_data, kw.get("show_progress_bar", True)):
+                    n_batches += 1
+                    if isinstance(batch, torch.Tensor):
+                        current["mask"] = None
+                        model(batch.to(device))
+                    elif isinstance(batch, Mapping):
+                        b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                        mask = b.get("attention_mask")
+                        mask = None if mask is None else mask.bool()
+                        labels = b.get("labels")
+                        if labels is not None and kw.get("use_label_mask", True):
+                            keep = labels != kw.get("label_mask_value", -100)
+                            mask = keep if mask is None else mask & keep
+                        current["mask"] = mask
+                        model(**({k: v for k, v in b.items() if k in names} if names & set(b) else b))
+                    else:
+                        raise ConfigError(
+                            f"eva calibration batches must be tensors or dicts (input_ids, attention_mask, ...), "
+                            f"got {type(batch).__name__} in batch {n_batches}"
+                        )
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        if n_batches == 0:
+            raise ConfigError("eva: calibration_data yielded no batches")
+        _sum_over_ranks(stats)
+        with torch.no_grad():
+            for name, layer, _ in targets:
+                st = stats[name]
+                if st.n < r + 1:  # centring uses one degree of freedom: n rows span at most n - 1 directions
+                    raise ConfigError(
+                        f"{name}: eva saw only {st.n} non-padding input rows (tokens) in {n_batches} calibration "
+                        f"batches but needs at least r + 1 = {r + 1} for a rank-{r} PCA. Pass more calibration data."
+                    )
+                v, sigma = st.top(r)
+                if kw.get("whiten", False):
+                    if bool((sigma <= 1e-12 * sigma[0].clamp_min(1e-300)).any()):
+                        raise ConfigError(
+                            f"{name}: whiten=True but this layer's calibration inputs span fewer than r={r} directions "
+                            f"(singular values {sigma.tolist()}); use more varied data, a smaller r, or whiten=False"
+                        )
+                    v = v / sigma.sqrt().unsqueeze(1)
+                layer.lora_A.copy_(v)
+                layer.lora_B.zero_()

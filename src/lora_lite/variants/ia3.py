@@ -1,0 +1,121 @@
+"""(IA)³. Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+Learning", arXiv 2205.05638.
+
+Learned vectors rescale activations elementwise; two placements, as in the paper (keys/values on the
+output side, the feed-forward intermediate on the input side of the down projection):
+
+    ia3     (output gate):  y' = y ⊙ g = (x Wᵀ + b) ⊙ g          g: (d_out,)   bias scaled too, as peft
+    ia3_ff  (input gate):   y' = (x ⊙ g) Wᵀ + b                  g: (d_in,)    pre-hook, bias NOT scaled
+
+Init g = 1: both maps are exactly the identity at init, and g gets a non-zero gradient on step 1
+(∂L/∂g = Σ_tokens ∂L/∂y' ⊙ y for ia3, Σ_tokens x ⊙ (∂L/∂y' W) for ia3_ff).
+
+One adapter, both placements: `variant="ia3"` with
+`variant_kwargs={"feedforward_names": [regex, ...]}` (peft's `feedforward_modules`; `re.search` on the
+full module name, like `target_names`) and/or `{"feedforward_roles": ["writer"]}` routes every matching
+target to `ia3_ff` (input gate) and the rest to `ia3` (output gate) via `Variant.route`. The route is a
+pure function of (name, role, cfg), so `ll.load` re-derives it identically from the saved config.
+`variant="ia3_ff"` gates the input of every target.
+
+Checked against peft 0.21.2 `peft/tuners/ia3/layer.py`: `IA3Layer.update_layer` L56-70 (shape (1, d_in)
+if is_feedforward else (d_out, 1)), `reset_ia3_parameters` L72-75 (ones), `Linear.forward` L172-199
+(`base(x * g)` if is_feedforward else `base(x) * g`, i.e. bias scaled); `peft/tuners/ia3/model.py`
+`_check_target_module_feedforward` L184-193.
+Deviations: none in the math. Our g is 1-D ((d_out,) / (d_in,)) where peft stores (d_out, 1) / (1, d_in)
+(same values; reshape when copying). peft matches `feedforward_modules` by suffix (list) or fullmatch
+(string); we use regexes with `re.search`, like every other name filter here. (IA)³ has no rank, scale
+or dropout: `r` and `alpha` are ignored, `dropout > 0` is refused (peft's IA3 has no dropout either).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..config import ROLES, ConfigError, LoraLiteConfig
+from ..variant import ParamSpec, Variant, register
+
+_FF_KWARGS = ("feedforward_names", "feedforward_roles")
+
+
+def _str_list(cfg: LoraLiteConfig, key: str) -> list[str]:
+    val = cfg.variant_kwargs.get(key, [])
+    if isinstance(val, str):
+        raise ConfigError(
+            f"variant_kwargs[{key!r}] must be a list of strings, not the string {val!r} (write [{val!r}])"
+        )
+    if not isinstance(val, (list, tuple)) or not all(isinstance(v, str) for v in val):
+        raise ConfigError(f"variant_kwargs[{key!r}] must be a list of strings, got {val!r}")
+    return list(val)
+
+
+def _no_dropout(cfg: LoraLiteConfig) -> None:
+    if cfg.dropout != 0.0:
+        raise ConfigError(
+            f"variant {cfg.variant!r} has no adapter-input dropout (nor has peft's IA3); set dropout=0.0 "
+            f"(got {cfg.dropout})"
+        )
+
+
+@register
+class IA3(Variant):
+    """Output gate y ⊙ g; routes feed-forward targets to `IA3FF`."""
+
+    name = "ia3"
+
+    @staticmethod
+    def validate(cfg: LoraLiteConfig) -> None:
+        _no_dropout(cfg)
+        unknown = sorted(set(cfg.variant_kwargs) - set(_FF_KWARGS))
+        if unknown:
+            raise ConfigError(f"ia3: unknown variant_kwargs {unknown}; ia3 accepts {list(_FF_KWARGS)}")
+        for pat in _str_list(cfg, "feedforward_names"):
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ConfigError(f"ia3: feedforward_names pattern {pat!r} is not a valid regex: {e}") from None
+        bad = [r for r in _str_list(cfg, "feedforward_roles") if r not in ROLES]
+        if bad:
+            raise ConfigError(f"ia3: unknown feedforward_roles {bad}; roles are {ROLES}")
+
+    @classmethod
+    def route(cls, name: str, role: str, cfg: LoraLiteConfig) -> type[Variant]:
+        kw = cfg.variant_kwargs
+        if role in kw.get("feedforward_roles", ()) or any(re.search(p, name) for p in kw.get("feedforward_names", ())):
+            return IA3FF
+        return cls
+
+    @staticmethod
+    def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
+        return {"lora_g": ParamSpec((d_out,), init="ones")}
+
+    @staticmethod
+    def forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y * layer.lora_g  # promotes to the wider dtype; the hook casts back to y.dtype (as peft)
+
+
+@register
+class IA3FF(Variant):
+    """Input gate x ⊙ g (pre-hook), peft's is_feedforward=True."""
+
+    name = "ia3_ff"
+
+    @staticmethod
+    def validate(cfg: LoraLiteConfig) -> None:
+        _no_dropout(cfg)
+        if cfg.variant == "ia3_ff" and cfg.variant_kwargs:
+            raise ConfigError(
+                f"ia3_ff takes no variant_kwargs (got {sorted(cfg.variant_kwargs)}): it gates the input of every "
+                "target. To gate some targets' outputs and others' inputs in one adapter use variant='ia3' with "
+                "variant_kwargs={'feedforward_names': [...]} or {'feedforward_roles': [...]}"
+            )
+
+    @staticmethod
+    def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
+        return {"lora_g": ParamSpec((d_in,), init="ones")}
+
+    @staticmethod
+    def forward_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x * layer.lora_g
