@@ -1,0 +1,57 @@
+"""Smoke test of benchmarks/bench_vs_peft.py --quick: it runs end to end and writes complete results.
+
+No timing assertions (timings on a shared CI machine mean nothing); only that every field is there,
+finite and consistent (same trainable-parameter count as peft, ratios = quotients of the times).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_peft.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_vs_peft", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_benchmark_writes_complete_results(tmp_path) -> None:
+    bench = _load()
+    argv = ["--quick", "--variants", "lora,pissa", "--rounds", "2", "--warmup", "1", "--threads", "1"]
+    bench.main([*argv, "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "bench_vs_peft_quick.json").read_text())
+    assert (tmp_path / "bench_vs_peft_quick.md").read_text().count("| lora |") == 1
+    assert (tmp_path / "bench_vs_peft_quick.png").stat().st_size > 0
+    for key in ("size", "rounds", "threads", "machine", "base", "variants", "pissa_fast_init"):
+        assert key in res, key
+    assert {"torch", "peft", "processor"} <= set(res["machine"])
+    base = res["base"]
+    assert base["step_s"] > 0 and base["trainable"] == 0 and base["peak_mb"] > 0
+    assert len(base["step_s_all"]) == 2
+    assert [v["variant"] for v in res["variants"]] == ["lora", "pissa"]
+    for v in res["variants"]:
+        ours, peft = v["ours"], v["peft"]
+        for row in (ours, peft):
+            for k in ("step_s", "init_s", "trainable", "peak_mb", "step_vs_base", "extra_mb_vs_base"):
+                assert math.isfinite(row[k]), (v["variant"], k)
+            assert math.isclose(row["step_vs_base"], row["step_s"] / base["step_s"])
+            assert row["peak_mb"] > 0 and row["trainable"] > 0
+        assert ours["trainable"] == peft["trainable"], v["variant"]  # same adapter size in both libraries
+        assert math.isclose(v["ours_vs_peft_step"], ours["step_s"] / peft["step_s"])
+        assert math.isclose(v["ours_vs_peft_peak"], ours["peak_mb"] / peft["peak_mb"])
+    pz = res["pissa_fast_init"]
+    for lib in ("ours", "peft"):
+        assert 0 <= pz[f"{lib}_fast_rel_err"] < 2 and 0 < pz[f"{lib}_fast_energy"] <= 1.0 + 1e-4
