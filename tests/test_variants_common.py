@@ -19,6 +19,11 @@ ALL_ROLES = ("reader", "writer", "inner")
 
 CASES: dict[str, dict] = {
     "lora": dict(cfg=dict(r=4, alpha=8.0), rtol=None, lr=1e-2),
+    # pissa/antipasto: W is split into W_res + (rank-r part) in fp32, so y' = y only to rounding: the split
+    # rounds each weight once (eps|W|) and the extra adapter matmul rounds a dot of length d_in <= 64;
+    # the worst-case dot bound d_in*eps = 64*1.19e-7 = 7.6e-6 < 1e-5 of max|y| (measured: ~2 ulps).
+    "pissa": dict(cfg=dict(r=4, alpha=16.0), rtol=1e-5, lr=1e-2),  # alpha != r on purpose
+    "antipasto": dict(cfg=dict(r=4, variant_kwargs={"block_size": 2}), rtol=1e-5, lr=1e-1),  # r + r/2 params: lr 1e-1
     "dora": dict(cfg=dict(r=4, alpha=8.0), rtol=None, lr=1e-2),
     "delora": dict(cfg=dict(r=4), rtol=None, lr=1e-2),
     # hra: paired reflections cancel to fp32 rounding (~r*eps per layer through the WY form), not bit-exact

@@ -6,3 +6,5 @@ from . import eva  # noqa: F401
 from . import dora  # noqa: F401
 from . import delora  # noqa: F401
 from . import hra  # noqa: F401
+from . import pissa  # noqa: F401
+from . import antipasto  # noqa: F401

@@ -1,0 +1,109 @@
+"""PiSSA. Meng et al. 2024, "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large
+Language Models", arXiv 2404.02948.
+
+    W = U S Vᵀ                          top-r SVD of the dense weight, fp32, W: (d_out, d_in)
+    S' = S_r / s                        s = alpha / r (or alpha / √r with use_rslora), as peft
+    B = U_r √S',  A = √S' V_rᵀ          B: (d_out, r), A: (r, d_in)
+    W_res = W − s · B A                 written back into layer.weight
+    y' = x W_resᵀ + b + s · (drop(x) Aᵀ) Bᵀ       (LoRA's forward, on top of W_res: `LoRA.forward`)
+
+Why divide S_r by s: then s·B A = U_r S_r V_rᵀ for ANY alpha, so W_res is the true residual of the
+top-r principal part and the adapter starts on the principal subspace with the same magnitude
+whatever alpha is (the original lora-lite only matched peft when alpha == r).
+
+Identity at init: W_res + s·B A = W up to fp32 rounding (W_res is computed from the stored A, B, so
+only the subtraction and the two forward matmuls round). Gradients: A and B are both non-zero
+(√S' > 0 on the top-r directions of a non-degenerate W), so both get a gradient on step 1.
+
+`svd_niter` (variant_kwargs, int >= 0): peft's `init_lora_weights="pissa_niter_[k]"`, i.e.
+`torch.svd_lowrank(W, q=r, niter=k)` (Halko et al. randomized SVD) instead of the exact SVD.
+Deliberate difference from peft: we fork the RNG and seed it (seed 0) inside init, and run the
+randomized SVD on the CPU, so `ll.load` on a fresh base re-derives bit-identical W_res on any device
+(peft draws from the global RNG, so its "pissa_niter" residual cannot be re-derived). On the CPU with
+torch.manual_seed(0) before attach, one target layer gives peft's exact factors (tested).
+
+Requires a dense floating-point weight: quantized (bitsandbytes) or integer weights are refused by the
+runtime (`rewrites_weight`), as peft's pissa_init refuses them. peft's QPiSSA recipe (init in
+float, then quantize W_res) is not supported: load the base unquantized.
+GPT-2 Conv1D works: `dense_weight` / `set_dense_weight` handle its (d_in, d_out) storage.
+
+Checked against peft 0.21.2 `peft/tuners/lora/layer.py`: `pissa_init` lines 429-459 (fp32 SVD,
+`Sr /= self.scaling`, `lora_A = diag(√Sr) Uhr`, `lora_B = Vr diag(√Sr)`, `weight - scaling·B@A`),
+`update_layer` lines 278-281 (scaling, rslora), `svd_lowrank` import line 27.
+Deviations from the paper: the paper uses s = 1 (alpha = r); we follow peft and accept any alpha.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, LoraLiteConfig
+from ..target import dense_weight, set_dense_weight
+from ..variant import ParamSpec, register
+from .lora import LoRA
+
+SVD_SEED = 0  # seed of the randomized SVD (svd_niter): fixed so that load re-derives the same W_res
+_KWARGS = ("svd_niter", "use_rslora")
+
+
+def top_r_svd(W: torch.Tensor, r: int, niter: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_r, S_r, Vh_r) of a fp32 (d_out, d_in) matrix: exact, or randomized with `niter` power iterations.
+
+    The randomized one runs on the CPU under a forked RNG seeded with SVD_SEED: deterministic and the
+    same wherever the weight lives, and the caller's RNG stream is left untouched.
+    """
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return U[:, :r], S[:r], Vh[:r]
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(SVD_SEED)  # CPU only: torch.manual_seed would reseed CUDA too
+        U, S, V = torch.svd_lowrank(W.cpu(), q=r, niter=niter)
+    return U.to(W.device), S.to(W.device), V.t().to(W.device)
+
+
+@register
+class PiSSA(LoRA):
+    name = "pissa"
+    rewrites_weight = True
+    reads_weight = True
+    # forward is LoRA's. The tensors are LoRA's too, created as zeros (init overwrites them: no kaiming draw,
+    # so attaching pissa leaves the caller's RNG stream untouched).
+
+    @staticmethod
+    def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
+        return {"lora_A": ParamSpec((cfg.r, d_in)), "lora_B": ParamSpec((d_out, cfg.r))}
+
+    @staticmethod
+    def validate(cfg: LoraLiteConfig) -> None:
+        unknown = sorted(set(cfg.variant_kwargs) - set(_KWARGS))
+        if unknown:
+            raise ConfigError(f"pissa: unknown variant_kwargs {unknown}; pissa accepts {list(_KWARGS)}")
+        niter = cfg.variant_kwargs.get("svd_niter")
+        if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
+            raise ConfigError(
+                f"pissa: svd_niter must be an integer >= 0 (power iterations of the randomized SVD, "
+                f"peft's pissa_niter_[k]), got {niter!r}; leave it out for the exact SVD"
+            )
+        if cfg.alpha <= 0:
+            raise ConfigError(
+                f"pissa: alpha must be > 0 (S_r is divided by the scale alpha/r before its square root), "
+                f"got {cfg.alpha}"
+            )
+
+    @staticmethod
+    def init(layer: nn.Module, cfg: LoraLiteConfig) -> None:
+        st = layer._lora_lite
+        W = dense_weight(layer)  # fp32 (d_out, d_in)
+        if cfg.r > min(W.shape):
+            raise ConfigError(
+                f"{st.name}: pissa needs r <= min(d_out, d_in) = {min(W.shape)} (the rank of the SVD), got r={cfg.r}; "
+                "lower r or exclude this layer"
+            )
+        U, S, Vh = top_r_svd(W, cfg.r, cfg.variant_kwargs.get("svd_niter"))
+        sqrt_s = (S / st.scale).sqrt()
+        layer.lora_B.copy_(U * sqrt_s)  # U_r diag(√S')
+        layer.lora_A.copy_(sqrt_s[:, None] * Vh)  # diag(√S') V_rᵀ
+        # residual from the stored (cfg.dtype-rounded) factors, so W_res + s·B A = W up to fp32 rounding;
+        # (s·B) @ A in peft's operation order, so in fp32 W_res matches peft bit for bit
+        set_dense_weight(layer, W - st.scale * layer.lora_B.float() @ layer.lora_A.float())
