@@ -245,6 +245,28 @@ def test_delora_rejects_bad_lambda(lam) -> None:
         ll.LoraLiteConfig(variant="delora", variant_kwargs={"delora_lambda": lam})
 
 
+def test_delora_rejects_float16() -> None:
+    with pytest.raises(ll.ConfigError, match="bfloat16"):
+        ll.LoraLiteConfig(variant="delora", dtype=torch.float16)
+
+
+@pytest.mark.parametrize("variant", ["dora", "delora", "hra"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_other_adapter_dtypes_run_finite(variant, dtype) -> None:
+    torch.manual_seed(0)
+    model = Toy(bias=True)
+    x = _x(6)
+    y0 = model(x)
+    ll.attach(model, ll.LoraLiteConfig(variant=variant, r=R, dtype=dtype, target_roles=("reader", "writer")))
+    y = model(x)
+    assert y.dtype == y0.dtype
+    _close(y, y0, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)  # hra's pairs cancel only to adapter rounding
+    y.sum().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad.dtype == dtype and torch.isfinite(p.grad).all(), n
+
+
 def test_delora_gpt2_conv1d_and_4bit() -> None:
     from transformers.pytorch_utils import Conv1D
 

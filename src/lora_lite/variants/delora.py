@@ -23,7 +23,7 @@ with all tensors live from step 1 at the cost of a frozen copy of A, B. peft (an
 
 Checked against peft 0.21.2 `peft/tuners/delora/layer.py`: `_compute_delta` 63-73, `update_layer`
 88-126, `reset_delora_parameters` 128-154, `DeloraLinear.forward` 226-267 (same op order:
-`(lambda / r) / (An * Bn)` at 255). Deviations: λ is a 0-d tensor (peft: shape (1,)); wnorm is
+`(lambda / r) / (An * Bn)` at 255). Deviations: float16 adapters raise (see `validate`; peft silently produces NaN); λ is a 0-d tensor (peft: shape (1,)); wnorm is
 kept in `cfg.dtype` (peft: the base weight's dtype); Conv1D and quantized bases are accepted
 (peft: nn.Linear only).
 """
@@ -57,6 +57,12 @@ class DeLoRA(Variant):
             raise ConfigError(
                 f"delora: variant_kwargs['delora_lambda'] must be a finite non-zero number, got {lam!r} "
                 "(λ = 0 zeroes the gradients of A and B forever; peft's default is 15)"
+            )
+        if cfg.dtype == torch.float16:
+            raise ConfigError(
+                "delora: dtype=float16 is not supported: at init ‖B_i‖ = 0 is clamped to 1e-4, so the rank-r "
+                "scaling λ/r/(‖A_i‖·1e-4) is ~1e5, past float16's max 65504 (inf · 0 = NaN). "
+                "Use dtype=torch.bfloat16 (same memory, float32 range) or torch.float32."
             )
 
     @staticmethod

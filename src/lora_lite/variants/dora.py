@@ -21,7 +21,7 @@ Row norm without materialising V (d_out × d_in) every call:
 
     ‖V‖²_row = ‖W‖²_row + 2s·rowsum(B ⊙ (W Aᵀ)) + s²·rowsum((B (A Aᵀ)) ⊙ B)
 
-‖W‖²_row is cached per layer at init (`layer._lora_lite.cache`, fp32, never saved: recomputed on
+‖W‖²_row is cached per layer at init (`layer._lora_lite.cache`, never saved: recomputed on
 attach/load); W Aᵀ (d_out × r) is one thin matmul against the stored weight (dense bases) or the
 dequantized weight (bitsandbytes bases, as peft dequantizes every forward). Everything under
 no_grad since the norm is detached. It equals peft's `linalg.norm(W + s·BA, dim=1)` to fp32 rounding
@@ -42,7 +42,7 @@ Checked against peft 0.21.2 `peft/tuners/lora/dora.py` (`get_weight_norm` 85-91,
 mag_norm_scale * lora_result * scaling` at 165) and `peft/tuners/lora/variants.py`
 (`DoraLinearVariant.forward` 230-257, dropout handling 242-246).
 Deviations: the norm formula above (same value to rounding, no d_out × d_in temporary); the norm is
-computed in fp32 whatever `cfg.dtype` (peft: in x's dtype). Caveat: ‖W‖²_row is cached at attach, so
+computed in fp32 (fp64 for fp64 adapters) whatever `cfg.dtype` (peft: in x's dtype). Caveat: ‖W‖²_row is cached at attach, so
 editing the base weight in place afterwards requires detach + attach.
 """
 
@@ -65,25 +65,30 @@ def _x_Wt(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x @ w if is_conv1d(layer) else F.linear(x, w)
 
 
-def _w_sq(layer: nn.Module, device: torch.device) -> torch.Tensor:
-    """Cached ‖W‖²_row (fp32, (d_out,)), moved along if the model moved device."""
-    cache = layer._lora_lite.cache
+def _norm_dtype(layer: nn.Module) -> torch.dtype:
+    """fp32, or fp64 for fp64 adapters: the norm is never computed in half precision."""
+    return torch.promote_types(layer.lora_A.dtype, torch.float32)
+
+
+def _w_sq(layer: nn.Module) -> torch.Tensor:
+    """Cached ‖W‖²_row ((d_out,), `_norm_dtype`), moved along if the model moved device."""
+    cache, ref = layer._lora_lite.cache, layer.lora_A
     w_sq = cache.get("w_sq")
     if w_sq is None:
-        W = dense_weight(layer)
+        W = dense_weight(layer, _norm_dtype(layer))
         w_sq = cache["w_sq"] = (W * W).sum(1)
-    elif w_sq.device != device:
-        w_sq = cache["w_sq"] = w_sq.to(device)
+    elif w_sq.device != ref.device:
+        w_sq = cache["w_sq"] = w_sq.to(ref.device)
     return w_sq
 
 
 @torch.no_grad()
 def weight_norm(layer: nn.Module) -> torch.Tensor:
-    """‖W + s·B A‖_row in fp32, detached, without forming W + s·B A."""
-    s = layer._lora_lite.scale
-    A, B = layer.lora_A.float(), layer.lora_B.float()
+    """‖W + s·B A‖_row in fp32 (fp64 for fp64 adapters), detached, without forming W + s·B A."""
+    s, dt = layer._lora_lite.scale, _norm_dtype(layer)
+    A, B = layer.lora_A.to(dt), layer.lora_B.to(dt)
     WAt = _x_Wt(layer, A).T  # (d_out, r)
-    n2 = _w_sq(layer, A.device) + 2 * s * (B * WAt).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
+    n2 = _w_sq(layer) + 2 * s * (B * WAt).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
     return n2.clamp_min(0).sqrt()
 
 
@@ -103,7 +108,7 @@ class DoRA(Variant):
     @staticmethod
     def init(layer: nn.Module, cfg: LoraLiteConfig) -> None:
         layer._lora_lite.cache.pop("w_sq", None)
-        layer.lora_m.copy_(_w_sq(layer, layer.lora_m.device).sqrt())
+        layer.lora_m.copy_(_w_sq(layer).sqrt())
 
     @staticmethod
     def forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

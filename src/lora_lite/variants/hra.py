@@ -72,7 +72,8 @@ def householder_product(U: torch.Tensor, x: torch.Tensor, apply_GS: bool = False
         return x - 2 * ((x @ Q.T) @ Q)
     Y = U / U.norm(dim=1, keepdim=True)
     eye = torch.eye(U.shape[0], device=U.device, dtype=U.dtype)
-    T = torch.linalg.solve_triangular(torch.triu(Y @ Y.T, 1) + 0.5 * eye, eye, upper=True)
+    M = (torch.triu(Y @ Y.T, 1) + 0.5 * eye).to(torch.promote_types(U.dtype, torch.float32))  # no bf16 solve on CPU
+    T = torch.linalg.solve_triangular(M, eye.to(M.dtype), upper=True).to(U.dtype)
     return x - ((x @ Y.T) @ T.T) @ Y
 
 
