@@ -7,23 +7,27 @@ LoRA whose A is initialised from data: the top-r principal directions of each ta
     X  = the layer's inputs over the calibration data, one row per non-padding token: (n, d_in)
     μ  = mean of the rows;  Xc = X − 1μᵀ            (peft's IncrementalPCA centres, incremental_pca.py L261-266)
     Xc = U Σ Vᵀ  →  A = V_rᵀ  (top-r right singular vectors, largest first), B = 0
-    whiten=True:  A_i = V_i / √σ_i                  (peft eva.py L497-498: components / sqrt(singular_values))
+    whiten=True:  A_i = V_i / √σ_i                  (peft eva.py L475-476: components / sqrt(singular_values))
 
 Computed exactly and in one streaming pass: per target we accumulate, in float64 over all batches,
 the scatter S = XᵀX, the sum Σx and the count n, then once
     Xcᵀ Xc = S − (Σx)(Σx)ᵀ / n = V Σ² Vᵀ      (torch.linalg.eigh; σ_i = √λ_i)
 Memory is d_in² float64 per target (128 MiB at d_in = 4096). Signs follow peft's `_svd_flip(...,
-u_based_decision=False)`: the largest-|.| entry of each A row is positive.
+u_based_decision=False)` (incremental_pca.py L183-206, L284): the largest-|.| entry of each A row is positive.
 
 Relation to peft (0.21.2 `peft/tuners/lora/eva.py`, `peft/utils/incremental_pca.py`): peft feeds batches
-to an IncrementalPCA (randomized `svd_lowrank`, q = 2r, niter 4) cycling over the dataloader until the
-components' cosine similarity between steps exceeds tau (0.99), then takes the top components. That
-approximates the same centred top-r subspace that we compute exactly, so once peft has converged the two
-agree up to sign and its approximation error (compare with principal angles). Masking as peft
-(`prepare_model_inputs_fn_language_modeling` L255-268): rows where attention_mask == 0, and rows where
-labels == label_mask_value (-100) when `use_label_mask` (default True) and the batch has labels, are
-excluded. Rank: uniform r on every target, which equals peft with `rho=1.0` (eva.py L359-369: each
-layer's max_components = round(r·rho) = r and the budget is Σr, so the redistribution L323-336 gives every
+to an IncrementalPCA (eva.py L138-143: randomized `svd_lowrank`, q = 2r, niter 4; L155-158), cycling
+over the dataloader (L407-452) until the components' cosine similarity between steps exceeds tau (0.99),
+then takes the top components. That approximates the same centred top-r subspace that we compute
+exactly: with a clear gap after the r-th direction the two agree to principal-angle cosines > 0.999,
+same order and signs (tested). Without a gap peft's IncrementalPCA, which keeps only r components
+between batches, is itself inexact (on a random tiny Llama its 4th principal cosine with the exact PCA
+is ~0.4), so compare with peft only on data whose top-r subspace is well defined.
+Masking as peft (`prepare_model_inputs_fn_language_modeling` L241-254, `prepare_layer_inputs_fn_
+language_modeling` L282): rows where attention_mask == 0, and rows where labels == label_mask_value
+(-100) when `use_label_mask` (default True) and the batch has labels, are excluded.
+Rank: uniform r on every target, which equals peft with `rho=1.0` (eva.py L366-367: each layer's
+max_components = round(r·rho) = r and the budget is Σr, so the redistribution L302-314 gives every
 layer exactly r); peft's default rho=2.0 redistributes ranks, which we do not. peft's check that two
 layers see equal inputs (HashHook) is only a speed-up and is not done here. whiten scales by the singular
 values of all rows of one pass; peft's scale depends on how many rows it saw before converging.
