@@ -8,6 +8,7 @@ registers one forward hook (or pre-hook) per layer. `detach` undoes exactly that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -63,11 +64,40 @@ class _ModelState:
 # ---------------------------------------------------------------- hooks
 
 
+def _adapter_dtype(layer: nn.Module, st: _LayerState) -> torch.dtype:
+    """The dtype the adapter math runs in: that of the layer's first floating lora_* tensor.
+
+    This is cfg.dtype, unless the model was cast after attach (`model.half()`, `model.to(torch.float64)`
+    also cast the lora_* tensors): then the math follows the tensors, so it never mixes dtypes.
+    """
+    for n in st.names:
+        t = getattr(layer, n)
+        if t.is_floating_point():
+            return t.dtype
+    return st.cfg.dtype
+
+
+def _saved_config(state: _ModelState) -> LoraLiteConfig:
+    """The config `save` writes: cfg.dtype replaced by the adapter tensors' actual dtype.
+
+    They differ after `model.half()` / `model.to(dtype)`; the file then holds the tensors as they
+    are (no rounding) and a config that says so, so `load` recreates exactly what was saved.
+    """
+    dtypes = {_adapter_dtype(layer, layer._lora_lite) for layer in state.layers.values()}
+    if len(dtypes) > 1:
+        raise AdapterError(
+            f"the adapter tensors have mixed dtypes {sorted(map(str, dtypes))} across layers; "
+            "cast the whole model to one dtype (model.to(dtype)) before ll.save"
+        )
+    dtype = dtypes.pop() if dtypes else state.cfg.dtype
+    return state.cfg if dtype == state.cfg.dtype else dataclasses.replace(state.cfg, dtype=dtype)
+
+
 def _forward_hook(layer: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | None:
     st: _LayerState = layer._lora_lite
     if not st.enabled:
         return None
-    return st.variant.forward(layer, args[0].to(st.cfg.dtype), y).to(y.dtype)
+    return st.variant.forward(layer, args[0].to(_adapter_dtype(layer, st)), y).to(y.dtype)
 
 
 def _pre_hook(layer: nn.Module, args: tuple) -> tuple | None:
@@ -75,7 +105,9 @@ def _pre_hook(layer: nn.Module, args: tuple) -> tuple | None:
     if not st.enabled:
         return None
     x = args[0]
-    return (st.variant.forward_input(layer, x.to(st.cfg.dtype)).to(x.dtype), *args[1:])
+    # x here is also the base path: an adapter dtype narrower than x (bf16 adapter, fp32 model) rounds
+    # the layer input through it, so pre-hook variants are then identity at init only to that rounding.
+    return (st.variant.forward_input(layer, x.to(_adapter_dtype(layer, st))).to(x.dtype), *args[1:])
 
 
 # ---------------------------------------------------------------- plan
@@ -107,6 +139,11 @@ def _plan(model: nn.Module, cfg: LoraLiteConfig) -> list[_Target]:
         for pname in specs:
             if not pname.startswith("lora_"):
                 raise ConfigError(f"variant {variant.name!r}: tensor name {pname!r} must start with 'lora_'")
+            if hasattr(layer, pname):
+                raise AdapterError(
+                    f"{name}: {type(layer).__name__} already has an attribute {pname!r} (another adapter library, "
+                    "e.g. peft, on this model?). Attach lora-lite to the plain base model."
+                )
         plan.append(_Target(name, layer, role, variant, specs))
     return plan
 
@@ -143,6 +180,11 @@ def attach(
     Every base parameter is frozen; only trainable `lora_*` tensors require grad. If anything
     fails half way, everything added so far is removed and the model is as before.
     """
+    if not isinstance(model, nn.Module):
+        raise AdapterError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(cfg, LoraLiteConfig):
+        raise ConfigError(f"cfg must be a ll.LoraLiteConfig, got {type(cfg).__name__}")
+    cfg.__post_init__()  # re-validate: the dataclass may have been mutated since construction
     if is_attached(model):
         raise AdapterError("an adapter is already attached to this model; call ll.detach(model) first")
     if any(hasattr(m, _LAYER) for m in model.modules()):
@@ -154,14 +196,14 @@ def attach(
         for t in plan:
             dev = t.layer.weight.device
             st = _LayerState(t.name, t.role, t.variant, cfg, cfg.scale, tuple(t.specs))
+            setattr(t.layer, _LAYER, st)  # first, so a failure below still cleans this layer up
+            state.layers[t.name] = t.layer
             for pname, spec in t.specs.items():
                 tensor = spec.make(cfg.dtype, dev)
                 if spec.buffer:
                     t.layer.register_buffer(pname, tensor, persistent=True)
                 else:
                     t.layer.register_parameter(pname, nn.Parameter(tensor, requires_grad=spec.trainable))
-            setattr(t.layer, _LAYER, st)
-            state.layers[t.name] = t.layer
             if t.variant.rewrites_weight:
                 st.orig_weight = t.layer.weight.data.clone()
                 st.fingerprint = fingerprint(t.layer)
@@ -172,6 +214,8 @@ def attach(
                 if variant.group_init is not None:
                     group = [(t.name, t.layer, t.role) for t in plan if t.variant is variant]
                     variant.group_init(model, group, cfg, calibration_data)
+        for t in plan:  # fail loudly on an init that overflowed (extreme alpha, degenerate weights or data)
+            _check_finite_init(t, cfg)
         for p in model.parameters():
             p.requires_grad_(False)
         for t in plan:
@@ -190,6 +234,20 @@ def attach(
     return [t.name for t in plan]
 
 
+def _check_finite_init(t: _Target, cfg: LoraLiteConfig) -> None:
+    st: _LayerState = getattr(t.layer, _LAYER)
+    named = [(p, getattr(t.layer, p)) for p in t.specs]
+    if st.orig_weight is not None and st.orig_weight.is_floating_point() and bool(st.orig_weight.isfinite().all()):
+        named.append(("weight", t.layer.weight))
+    for pname, v in named:
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ConfigError(
+                f"{t.name}: {t.variant.name!r} init made {pname} non-finite (NaN/inf) with r={cfg.r}, "
+                f"alpha={cfg.alpha}, dtype={cfg.dtype}, variant_kwargs={cfg.variant_kwargs}. "
+                "Use a less extreme alpha/r or a wider dtype, or exclude this layer."
+            )
+
+
 def _remove(model: nn.Module) -> None:
     state: _ModelState = getattr(model, _STATE)
     for layer in state.layers.values():
@@ -201,8 +259,8 @@ def _remove(model: nn.Module) -> None:
         for pname in st.names:
             if hasattr(layer, pname):
                 delattr(layer, pname)
-        if st.orig_weight is not None:
-            layer.weight.data = st.orig_weight
+        if st.orig_weight is not None:  # follow model.to(dtype/device) moves made since attach
+            layer.weight.data = st.orig_weight.to(device=layer.weight.device, dtype=layer.weight.dtype)
         delattr(layer, _LAYER)
     for n, p in model.named_parameters():
         if n in state.requires_grad:
@@ -231,19 +289,37 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the attached adapter to one .safetensors file, atomically (temp file + rename)."""
+    """Write the attached adapter to one .safetensors file, atomically (temp file + rename).
+
+    FSDP2 (adapter tensors are DTensor shards): EVERY rank must call save; the shards are all-gathered
+    (`full_tensor()`), rank 0 writes, and save returns on each rank once the file is complete.
+    Plain tensors (single process, DDP): whoever calls save writes; under DDP call it on rank 0 only.
+    """
     from safetensors.torch import save_file
 
     state = _state(model)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+    sd = adapter_state_dict(model)
+    sharded = any(hasattr(v, "full_tensor") for v in sd.values())  # FSDP2 DTensor
+    sd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}  # collective
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
     fps = {n: layer._lora_lite.fingerprint for n, layer in state.layers.items() if layer._lora_lite.fingerprint}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "config": state.cfg.to_json(),
+        "config": _saved_config(state).to_json(),
         "fingerprints": json.dumps(fps, sort_keys=True),
     }
     path = Path(path)
+    try:
+        if not sharded or torch.distributed.get_rank() == 0:
+            _write_atomic(tensors, meta, path, save_file)
+    finally:
+        if sharded:
+            torch.distributed.barrier()  # the other ranks return only once rank 0's file is complete
+    return path
+
+
+def _write_atomic(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path, save_file) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -254,7 +330,6 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[LoraLiteConfig, dict[str, str], dict[str, torch.Tensor]]:
@@ -262,6 +337,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraLiteConfig, dict[str, str
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise LoadError(f"{str(path)!r} is a directory; pass the adapter's .safetensors file itself")
     if not path.is_file():
         raise LoadError(f"adapter file {str(path)!r} does not exist")
     try:
@@ -285,8 +362,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraLiteConfig, dict[str, str
     try:
         cfg = LoraLiteConfig.from_json(meta["config"])
         fps = json.loads(meta.get("fingerprints", "{}"))
-    except (KeyError, ValueError, TypeError) as e:
-        raise LoadError(f"{str(path)!r}: the adapter config in its metadata is invalid: {e}") from None
+        if not isinstance(fps, dict) or not all(isinstance(v, str) for v in fps.values()):
+            raise TypeError(f"fingerprints must map layer names to strings, got {meta.get('fingerprints')!r}")
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise LoadError(f"{str(path)!r}: the adapter config in its metadata is invalid: {e!r}") from None
     return cfg, fps, tensors
 
 

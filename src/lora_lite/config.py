@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,6 +56,8 @@ class LoraLiteConfig:
     def __post_init__(self) -> None:
         from .variant import get_variant  # late import: variants import this module
 
+        if not isinstance(self.variant, str):
+            raise ConfigError(f"variant must be a registered variant name (str), got {self.variant!r}")
         get_variant(self.variant)  # raises with the registered names
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"r must be an integer >= 1, got {self.r!r}")
@@ -69,14 +72,29 @@ class LoraLiteConfig:
             val = getattr(self, fname)
             if isinstance(val, str):
                 raise ConfigError(f"{fname} must be a tuple of strings, not the string {val!r} (write ({val!r},))")
-            setattr(self, fname, tuple(val))
+            try:
+                setattr(self, fname, tuple(val))
+            except TypeError:
+                raise ConfigError(f"{fname} must be a tuple of strings, got {val!r}") from None
+        for fname in ("target_names", "exclude_names"):
+            for pat in getattr(self, fname):
+                if not isinstance(pat, str):
+                    raise ConfigError(f"{fname} must hold regex strings, got {pat!r}")
+                try:
+                    re.compile(pat)
+                except re.error as e:
+                    raise ConfigError(f"{fname}: {pat!r} is not a valid regular expression ({e})") from None
         bad = [r for r in self.target_roles if r not in ROLES]
         if bad:
             raise ConfigError(f"unknown target_roles {bad}; roles are {ROLES}")
         if self.layers is not None:
             if isinstance(self.layers, int):
                 self.layers = (self.layers,)
-            self.layers = tuple(int(i) for i in self.layers)
+            if not isinstance(self.layers, (tuple, list, range)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.layers
+            ):
+                raise ConfigError(f"layers must be a tuple of block indices (ints), got {self.layers!r}")
+            self.layers = tuple(self.layers)
         if not isinstance(self.variant_kwargs, dict):
             raise ConfigError(f"variant_kwargs must be a dict, got {type(self.variant_kwargs).__name__}")
         try:
