@@ -69,19 +69,27 @@ def max_angle(cfg: LoraLiteConfig) -> float | None:
     return cfg.variant_kwargs.get("max_angle", DEFAULT_MAX_ANGLE)
 
 
-def rotation_blocks(rot_T: torch.Tensor, bs: int, max_angle: float | None, c: float = 1.0) -> torch.Tensor:
-    """R_k = Cayley(c · clamp(skew(rot_T[k]))) for every block k at once: (n_blocks, bs, bs), fp32."""
-    n_blocks = rot_T.shape[0]
-    rows, cols = torch.triu_indices(bs, bs, 1, device=rot_T.device)
-    T = rot_T.new_zeros((n_blocks, bs, bs), dtype=torch.float32)
-    T[:, rows, cols] = rot_T.float()
+def _consts(bs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, cols = torch.triu_indices(bs, bs, 1, device=device)
+    return rows, cols, torch.eye(bs, device=device, dtype=torch.float32)
+
+
+def rotation_blocks(
+    rot_T: torch.Tensor, bs: int, max_angle: float | None, c: float = 1.0, consts: tuple | None = None
+) -> torch.Tensor:
+    """R_k = Cayley(c · clamp(skew(rot_T[k]))) for every block k at once: (n_blocks, bs, bs), fp32.
+
+    `consts`: the (rows, cols, eye) of `_consts(bs, device)`, cached by the caller.
+    """
+    rows, cols, eye = consts if consts is not None else _consts(bs, rot_T.device)
+    T = rot_T.new_zeros((rot_T.shape[0], bs, bs), dtype=torch.float32)
+    T[:, rows, cols] = rot_T.float()  # upper triangle
     A = 0.5 * (T - T.transpose(-1, -2))
     if max_angle is not None:
         a = 2 * math.tan(max_angle / 2)
         A = a * torch.tanh(A / a)
     X = (c / 2) * A
-    eye = torch.eye(bs, device=rot_T.device, dtype=torch.float32).expand_as(X)
-    return torch.linalg.solve(eye - X, eye + X)
+    return torch.linalg.solve(eye - X, eye + X)  # batched over blocks; eye broadcasts
 
 
 @register
@@ -149,8 +157,11 @@ class AntiPaSTO(Variant):
     @staticmethod
     def forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         st = layer._lora_lite
-        bs, c = block_size(st.cfg), st.coef
-        R = rotation_blocks(layer.lora_rot_T, bs, max_angle(st.cfg), c).to(x.dtype)  # once per call, tiny
+        bs, c, rot_T = block_size(st.cfg), st.coef, layer.lora_rot_T
+        consts = st.cache.get(("antipasto", rot_T.device))
+        if consts is None:
+            consts = st.cache[("antipasto", rot_T.device)] = _consts(bs, rot_T.device)
+        R = rotation_blocks(rot_T, bs, max_angle(st.cfg), c, consts).to(x.dtype)  # once per call, tiny
         Vh = layer.lora_Vh
         Vh_rot = (R @ Vh.view(-1, bs, Vh.shape[1])).view_as(Vh)  # blockdiag(R) Vh, O(r·bs·d_in)
         delta = F.linear(F.linear(x, Vh_rot) * (layer.lora_S + c * layer.lora_delta_s), layer.lora_U)

@@ -17,17 +17,20 @@ only the subtraction and the two forward matmuls round). Gradients: A and B are 
 
 `svd_niter` (variant_kwargs, int >= 0): peft's `init_lora_weights="pissa_niter_[k]"`, i.e.
 `torch.svd_lowrank(W, q=r, niter=k)` (Halko et al. randomized SVD) instead of the exact SVD.
-Deliberate difference from peft: we fork the RNG and seed it (seed 0) inside init, and run the
-randomized SVD on the CPU, so `ll.load` on a fresh base re-derives bit-identical W_res on any device
-(peft draws from the global RNG, so its "pissa_niter" residual cannot be re-derived). On the CPU with
-torch.manual_seed(0) before attach, one target layer gives peft's exact factors (tested).
+Deliberate difference from peft: we fork the CPU RNG, seed it (SVD_SEED = 0) inside init and run the
+randomized SVD on the CPU, so `ll.load` on a fresh base draws the same sketch and re-derives a
+bit-identical W_res (tested), the random factors do not depend on the device the model lives on, and
+the caller's RNG stream is untouched. peft draws from the global RNG on the weight's device, so its
+"pissa_niter" residual cannot be re-derived; given the same draw (peft's svd_lowrank seeded with
+SVD_SEED) its factors and W_res equal ours bit for bit (tested). Exact-SVD init: bit-exact with peft in
+fp32 (tested, alpha != r, with and without rslora).
 
 Requires a dense floating-point weight: quantized (bitsandbytes) or integer weights are refused by the
 runtime (`rewrites_weight`), as peft's pissa_init refuses them. peft's QPiSSA recipe (init in
 float, then quantize W_res) is not supported: load the base unquantized.
 GPT-2 Conv1D works: `dense_weight` / `set_dense_weight` handle its (d_in, d_out) storage.
 
-Checked against peft 0.21.2 `peft/tuners/lora/layer.py`: `pissa_init` lines 429-459 (fp32 SVD,
+Checked against peft 0.21.2 `peft/tuners/lora/layer.py`: `pissa_init` lines 429-462 (fp32 SVD,
 `Sr /= self.scaling`, `lora_A = diag(√Sr) Uhr`, `lora_B = Vr diag(√Sr)`, `weight - scaling·B@A`),
 `update_layer` lines 278-281 (scaling, rslora), `svd_lowrank` import line 27.
 Deviations from the paper: the paper uses s = 1 (alpha = r); we follow peft and accept any alpha.
