@@ -323,8 +323,11 @@ def _write_atomic(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp/safetensors make 0600; give the adapter ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -347,12 +350,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraLiteConfig, dict[str, str
             if meta.get("format") != FORMAT:
                 raise LoadError(
                     f"{str(path)!r} is a safetensors file but not a lora-lite adapter (no format={FORMAT!r} "
-                    "in its metadata). To load a peft adapter use ll.import_peft."
+                    "in its metadata): a file from another library (a peft adapter_model.safetensors, a plain "
+                    "state dict)? ll.load reads only files written by ll.save; ll.import_peft converts a peft adapter."
                 )
             if meta.get("format_version") != FORMAT_VERSION:
                 raise LoadError(
                     f"{str(path)!r} has lora-lite format version {meta.get('format_version')!r}; "
-                    f"this lora-lite reads version {FORMAT_VERSION}. Upgrade lora-lite."
+                    f"this lora-lite reads version {FORMAT_VERSION} (a newer file needs a newer lora-lite)."
                 )
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
@@ -380,7 +384,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_nonfinite: bool = F
         raise AdapterError("an adapter is already attached to this model; call ll.detach(model) before ll.load")
     try:
         plan = _plan(model, cfg)
-    except ValueError as e:
+    except (ValueError, AdapterError) as e:
         raise LoadError(f"adapter {str(path)!r} does not fit this model: {e}") from None
     for t in plan:
         if t.name in fps:
