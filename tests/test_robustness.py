@@ -46,16 +46,21 @@ BOUND = 64
 
 
 class Net(nn.Module):
-    """Parallel linear layers `layers.{i}`; layer i reads the first d_in_i features of x."""
+    """Parallel linear-like layers `layers.{i}`; layer i reads the first d_in_i features of x.
 
-    def __init__(self, shapes: list[tuple[int, int, bool]], seed: int) -> None:
+    bias=None makes a transformers GPT-2 `Conv1D` (weight stored (d_in, d_out), always biased).
+    """
+
+    def __init__(self, shapes: list[tuple[int, int, bool | None]], seed: int) -> None:
         super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
         torch.manual_seed(seed)
-        self.layers = nn.ModuleList(nn.Linear(i, o, bias=b) for i, o, b in shapes)
+        self.layers = nn.ModuleList(Conv1D(o, i) if b is None else nn.Linear(i, o, bias=b) for i, o, b in shapes)
         self.d = max(i for i, _, _ in shapes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([lin(x[..., : lin.in_features]) for lin in self.layers], dim=-1)
+        return torch.cat([lin(x[..., : ll.target.dims(lin)[0]]) for lin in self.layers], dim=-1)
 
 
 def _kwargs(variant: str) -> st.SearchStrategy[dict]:
@@ -74,7 +79,8 @@ def _kwargs(variant: str) -> st.SearchStrategy[dict]:
 @st.composite
 def setups(draw) -> dict:
     n = draw(st.integers(1, 4))
-    shapes = [(draw(st.integers(1, 12)), draw(st.integers(1, 12)), draw(st.booleans())) for _ in range(n)]
+    bias = st.sampled_from([True, False, True, False, None])  # None: GPT-2 Conv1D
+    shapes = [(draw(st.integers(1, 12)), draw(st.integers(1, 12)), draw(bias)) for _ in range(n)]
     variant = draw(st.sampled_from(VARIANTS))
     idx = draw(st.lists(st.integers(0, n), unique=True, max_size=n))  # index n matches nothing
     how = draw(st.sampled_from(["all", "all", "roles", "names", "layers"]))
