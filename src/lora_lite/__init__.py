@@ -14,6 +14,9 @@ from .adapter import (
     targets,
 )
 from .config import ConfigError, LoraLiteConfig
+from .merge import merge, merged_state_dict
+from .peft_io import export_peft, import_peft
+from .steer import disabled, scaled
 from .target import TargetError, find_targets
 from .variant import REGISTRY, ParamSpec, Variant, register
 
@@ -31,11 +34,17 @@ __all__ = [
     "adapter_state_dict",
     "attach",
     "detach",
+    "disabled",
+    "export_peft",
     "find_targets",
+    "import_peft",
     "is_attached",
     "load",
+    "merge",
+    "merged_state_dict",
     "read_adapter",
     "register",
     "save",
+    "scaled",
     "targets",
 ]

@@ -97,7 +97,10 @@ def _forward_hook(layer: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tenso
     st: _LayerState = layer._lora_lite
     if not st.enabled:
         return None
-    return st.variant.forward(layer, args[0].to(_adapter_dtype(layer, st)), y).to(y.dtype)
+    x = args[0].to(_adapter_dtype(layer, st))
+    if st.coef != 1.0:  # inside ll.scaled(model, c)
+        return st.variant.scaled_forward(layer, x, y, st.coef).to(y.dtype)
+    return st.variant.forward(layer, x, y).to(y.dtype)
 
 
 def _pre_hook(layer: nn.Module, args: tuple) -> tuple | None:
@@ -107,7 +110,10 @@ def _pre_hook(layer: nn.Module, args: tuple) -> tuple | None:
     x = args[0]
     # x here is also the base path: an adapter dtype narrower than x (bf16 adapter, fp32 model) rounds
     # the layer input through it, so pre-hook variants are then identity at init only to that rounding.
-    return (st.variant.forward_input(layer, x.to(_adapter_dtype(layer, st))).to(x.dtype), *args[1:])
+    xa = x.to(_adapter_dtype(layer, st))
+    if st.coef != 1.0:  # inside ll.scaled(model, c)
+        return (st.variant.scaled_forward_input(layer, xa, st.coef).to(x.dtype), *args[1:])
+    return (st.variant.forward_input(layer, xa).to(x.dtype), *args[1:])
 
 
 # ---------------------------------------------------------------- plan

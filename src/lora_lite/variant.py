@@ -81,6 +81,23 @@ class Variant:
 
     group_init: Callable[..., None] | None = None  # (model, targets, cfg, calibration_data)
 
+    # Optional, for ll.merge / ll.merged_state_dict / ll.export_peft:
+    #   merged_weight(layer) -> (W_eff (d_out, d_in) fp32, effective bias or None = unchanged)
+
+    @classmethod
+    def scaled_forward(cls, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
+        """`ll.scaled(model, c)`, c != 1, output-hook variants. Default: y + c·(forward(x, y) − y).
+
+        Every variant is affine in x, so this moves the layer's effective weight and bias linearly from
+        the base (c = 0) to the trained adapter (c = 1). Override it to give c another meaning.
+        """
+        return y + c * (cls.forward(layer, x, y) - y)
+
+    @classmethod
+    def scaled_forward_input(cls, layer: nn.Module, x: torch.Tensor, c: float) -> torch.Tensor:
+        """Pre-hook variants: x + c·(forward_input(x) − x), i.e. (the base layer being affine) the same interpolation."""
+        return x + c * (cls.forward_input(layer, x) - x)
+
 
 REGISTRY: dict[str, type[Variant]] = {}
 

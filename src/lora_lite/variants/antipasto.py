@@ -42,6 +42,12 @@ Differences from the reference, and why:
     model itself); cfg.dropout > 0 raises. W_res is kept in the base weight's dtype (the reference keeps
     a bf16 copy next to the frozen weight; we overwrite layer.weight and restore it on detach).
 Quantized or integer base weights are refused (`rewrites_weight`): load the base unquantized.
+
+Steering (`ll.scaled(model, c)`): c is the coefficient above, read by `forward` from layer._lora_lite.coef:
+y_c = x W_resᵀ + b + ((x (R(c) Vh)ᵀ) ⊙ (S + c·δs)) Uᵀ with R(c) = Cayley(c·A). c = 0: R = I, δs off, exactly
+the base model (to the fp32 rounding of the W split); c = 1: the adapter; c = −1: R(−1) = R(1)⁻¹ = R(1)ᵀ, the
+exact inverse rotation, and −δs. Linear in c for δs, not for R (a rotation by c·A, not an interpolation).
+Merge (`ll.merge`): W_eff = W_res + U diag(S + δs) (R Vh) at c = 1; it replaces the original weight.
 """
 
 from __future__ import annotations
@@ -166,3 +172,18 @@ class AntiPaSTO(Variant):
         Vh_rot = (R @ Vh.view(-1, bs, Vh.shape[1])).view_as(Vh)  # blockdiag(R) Vh, O(r·bs·d_in)
         delta = F.linear(F.linear(x, Vh_rot) * (layer.lora_S + c * layer.lora_delta_s), layer.lora_U)
         return y + delta.to(y.dtype)
+
+    @staticmethod
+    def scaled_forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
+        """`ll.scaled`: forward already reads c = layer._lora_lite.coef (rotation R(c), δs scaled by c)."""
+        return AntiPaSTO.forward(layer, x, y)
+
+    @staticmethod
+    def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W_res + U diag(S + δs) (R Vh) at c = 1 (fp32, (d_out, d_in)); bias unchanged."""
+        cfg, bs = layer._lora_lite.cfg, block_size(layer._lora_lite.cfg)
+        R = rotation_blocks(layer.lora_rot_T, bs, max_angle(cfg))
+        Vh = layer.lora_Vh.float()
+        Vh_rot = (R @ Vh.view(-1, bs, Vh.shape[1])).view_as(Vh)
+        US = layer.lora_U.float() * (layer.lora_S.float() + layer.lora_delta_s.float())
+        return dense_weight(layer) + US @ Vh_rot, None

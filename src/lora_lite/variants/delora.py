@@ -26,6 +26,9 @@ Checked against peft 0.21.2 `peft/tuners/delora/layer.py`: `_compute_delta` 63-7
 `(lambda / r) / (An * Bn)` at 255). Deviations: float16 adapters raise (see `validate`; peft silently produces NaN); λ is a 0-d tensor (peft: shape (1,)); wnorm is
 kept in `cfg.dtype` (peft: the base weight's dtype); Conv1D and quantized bases are accepted
 (peft: nn.Linear only).
+
+Merge (`ll.merge`): W_eff = W + B Ξ A diag(wnorm), bias unchanged.
+Steering (`ll.scaled(model, c)`): y + c·ΔW x, the update scaled by c (the same as λ → c·λ).
 """
 
 from __future__ import annotations
@@ -86,3 +89,10 @@ class DeLoRA(Variant):
         Bn = torch.clamp(B.norm(dim=0), min=1e-4)
         h = F.linear(dropout(layer, x) * layer.lora_wnorm, A) * ((layer.lora_lambda / r) / (An * Bn))
         return y + F.linear(h, B).to(y.dtype)
+
+    @staticmethod
+    def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W + B Ξ A diag(wnorm), Ξ = diag(λ/r / (‖A_i‖‖B_i‖)) (fp32, (d_out, d_in)); bias unchanged."""
+        A, B, r = layer.lora_A.float(), layer.lora_B.float(), layer._lora_lite.cfg.r
+        xi = (layer.lora_lambda.float() / r) / (A.norm(dim=1).clamp(min=1e-4) * B.norm(dim=0).clamp(min=1e-4))
+        return dense_weight(layer) + ((B * xi) @ A) * layer.lora_wnorm.float(), None

@@ -44,6 +44,11 @@ mag_norm_scale * lora_result * scaling` at 165) and `peft/tuners/lora/variants.p
 Deviations: the norm formula above (same value to rounding, no d_out × d_in temporary); the norm is
 computed in fp32 (fp64 for fp64 adapters) whatever `cfg.dtype` (peft: in x's dtype). Caveat: ‖W‖²_row is cached at attach, so
 editing the base weight in place afterwards requires detach + attach.
+
+Merge (`ll.merge`): W_eff = (m / ‖V‖_row)[:, None] · V with V = W + s·B A (the dense norm), bias unchanged.
+Steering (`ll.scaled(model, c)`): y + c·(y' − y), i.e. the effective weight moves linearly from W (c = 0)
+to W_eff (c = 1): W + c·(W_eff − W). (Scaling only s·B A by c would leave the magnitude m trained at
+c = 0, which is not the base model.)
 """
 
 from __future__ import annotations
@@ -123,3 +128,9 @@ class DoRA(Variant):
         lora = F.linear(F.linear(xd, layer.lora_A), layer.lora_B)
         delta = (g - 1) * base + g * lora * s
         return y + delta.to(y.dtype)
+
+    @staticmethod
+    def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(m / ‖V‖_row)[:, None] · V, V = W + s·B A (fp32, (d_out, d_in)); bias unchanged."""
+        V = dense_weight(layer) + layer._lora_lite.scale * (layer.lora_B.float() @ layer.lora_A.float())
+        return (layer.lora_m.float() / V.norm(dim=1))[:, None] * V, None

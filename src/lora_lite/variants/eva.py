@@ -40,6 +40,8 @@ of all ranks' calibration shards together, the same on every rank (tests/test_di
 
 variant_kwargs: use_rslora (as lora), whiten (False), use_label_mask (True), label_mask_value (-100),
 show_progress_bar (True; tqdm if importable and stderr is a tty, silent otherwise).
+
+Merge, steering and peft export: exactly lora's (W + s·B A; the update scaled by c; a plain peft LoRA).
 """
 
 from __future__ import annotations
@@ -159,6 +161,7 @@ class EVA(Variant):
         }
 
     forward = staticmethod(LoRA.forward)
+    merged_weight = staticmethod(LoRA.merged_weight)
 
     @staticmethod
     def group_init(

@@ -33,6 +33,10 @@ our lora_U = hra_uᵀ), `reset_hra_parameters` 107-115, `get_delta_weight` 215-2
 without eps at 232, GS at 221-229), `HRALinear.forward` 245-275. Deviations: peft has no dropout for
 HRA, so dropout > 0 raises (it would also drop the base path); odd r raises (peft warns and falls
 back to a random, non-identity init); W (Q x) instead of (W Q) x (same value to fp32 rounding).
+
+Merge (`ll.merge`): W_eff = W Q, Q built densely (d_in × d_in, once: merge is not the hot path), bias unchanged.
+Steering (`ll.scaled(model, c)`): x → x + c·(Q x − x), i.e. W_eff(c) = W ((1 − c) I + c Q): c = 0 is the base
+model, c = 1 the adapter; for other c this is a linear interpolation, not a fractional rotation (Q^c).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
+from ..target import dense_weight
 from ..variant import ParamSpec, Variant, register
 
 
@@ -106,3 +111,11 @@ class HRA(Variant):
     def forward_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         gs = layer._lora_lite.cfg.variant_kwargs.get("apply_GS", False)
         return householder_product(layer.lora_U, x, gs)
+
+    @staticmethod
+    def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W Q (fp32); bias unchanged. householder_product on the rows of I gives Qᵀ."""
+        U = layer.lora_U.float()
+        gs = layer._lora_lite.cfg.variant_kwargs.get("apply_GS", False)
+        Qt = householder_product(U, torch.eye(U.shape[1], device=U.device), gs)
+        return dense_weight(layer) @ Qt.T, None

@@ -25,6 +25,10 @@ Deviations: none in the math. Our g is 1-D ((d_out,) / (d_in,)) where peft store
 (same values; reshape when copying). peft matches `feedforward_modules` by suffix (list) or fullmatch
 (string); we use regexes with `re.search`, like every other name filter here. (IA)³ has no rank, scale
 or dropout: `r` and `alpha` are ignored, `dropout > 0` is refused (peft's IA3 has no dropout either).
+
+Merge (`ll.merge`): ia3: W_eff = diag(g) W and b_eff = g ⊙ b; ia3_ff: W_eff = W diag(g), bias unchanged.
+Steering (`ll.scaled(model, c)`): the gate is interpolated, g → 1 + c·(g − 1) (c = 0: the base model,
+c = 1: the adapter; c = −1 gives 2 − g, which to first order undoes the gate).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 from torch import nn
 
 from ..config import ROLES, ConfigError, LoraLiteConfig
+from ..target import dense_weight
 from ..variant import ParamSpec, Variant, register
 
 _FF_KWARGS = ("feedforward_names", "feedforward_roles")
@@ -95,6 +100,13 @@ class IA3(Variant):
     def forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y * layer.lora_g  # promotes to the wider dtype; the hook casts back to y.dtype (as peft)
 
+    @staticmethod
+    def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """diag(g) W and g ⊙ b (fp32): the bias is gated too."""
+        g = layer.lora_g.float()
+        b = None if layer.bias is None else g * layer.bias.float()
+        return g[:, None] * dense_weight(layer), b
+
 
 @register
 class IA3FF(Variant):
@@ -119,3 +131,8 @@ class IA3FF(Variant):
     @staticmethod
     def forward_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x * layer.lora_g
+
+    @staticmethod
+    def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W diag(g) (fp32); bias unchanged."""
+        return dense_weight(layer) * layer.lora_g.float(), None

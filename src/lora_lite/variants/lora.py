@@ -12,6 +12,10 @@ Checked against peft 0.21.2 `peft/tuners/lora/layer.py`: `LoraLayer.update_layer
 rslora), `reset_lora_parameters` (init), `Linear.forward` (`result + lora_B(lora_A(dropout(x))) * scaling`).
 Deviation: none in the math. We apply s to the r-dim intermediate instead of the d_out-dim
 output (same value, fewer flops).
+
+Merge (`ll.merge`): W_eff = W + s·B A, bias unchanged.
+Steering (`ll.scaled(model, c)`): y + c·s·(x Aᵀ) Bᵀ, the update scaled by c (c = 0: the base model,
+c = 1: the adapter, c = −1: the opposite update).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraLiteConfig
+from ..target import dense_weight
 from ..variant import ParamSpec, Variant, dropout, register
 
 
@@ -40,3 +45,9 @@ class LoRA(Variant):
         s = layer._lora_lite.scale
         delta = F.linear(F.linear(dropout(layer, x), layer.lora_A) * s, layer.lora_B)
         return y + delta.to(y.dtype)
+
+    @staticmethod
+    def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W + s·B A (fp32, (d_out, d_in)); bias unchanged."""
+        s = layer._lora_lite.scale
+        return dense_weight(layer) + s * (layer.lora_B.float() @ layer.lora_A.float()), None

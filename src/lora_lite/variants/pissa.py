@@ -34,15 +34,25 @@ Checked against peft 0.21.2 `peft/tuners/lora/layer.py`: `pissa_init` lines 429-
 `Sr /= self.scaling`, `lora_A = diag(√Sr) Uhr`, `lora_B = Vr diag(√Sr)`, `weight - scaling·B@A`),
 `update_layer` lines 278-281 (scaling, rslora), `svd_lowrank` import line 27.
 Deviations from the paper: the paper uses s = 1 (alpha = r); we follow peft and accept any alpha.
+
+Merge (`ll.merge`): W_eff = W_res + s·B A (lora's); it replaces the original weight, which is dropped.
+Steering (`ll.scaled(model, c)`): the base model is the ORIGINAL W (= W_res + s·B₀A₀ at init), not W_res,
+so c interpolates the layer output against it: y_c = y₀ + c·(y' − y₀), y₀ = x Wᵀ + b from the weight kept
+for detach, i.e. W_eff(c) = W + c·(W_res + s·B A − W) = W + c·s·(B A − B₀A₀). c = 0 is exactly the base
+layer, c = 1 the adapter. Cost when c ≠ 1: one extra base matmul per layer (c = 1 takes lora's path).
+peft export (`ll.export_peft`): a rank-2r LoRA against W, B' = [B, −B₀], A' = [A; A₀], alpha doubled
+(√2·alpha with rslora), as peft's `path_initial_model_for_weight_conversion` (peft_model.py 400-412,
+lora/model.py `subtract_mutated_init`); B₀A₀ = (W − W_res)/s, refactored by a rank-r SVD.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
-from ..target import dense_weight, set_dense_weight
+from ..target import dense_weight, is_conv1d, set_dense_weight
 from ..variant import ParamSpec, register
 from .lora import LoRA
 
@@ -110,3 +120,12 @@ class PiSSA(LoRA):
         # residual from the stored (cfg.dtype-rounded) factors, so W_res + s·B A = W up to fp32 rounding;
         # (s·B) @ A in peft's operation order, so in fp32 W_res matches peft bit for bit
         set_dense_weight(layer, W - st.scale * layer.lora_B.float() @ layer.lora_A.float())
+
+    @staticmethod
+    def scaled_forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
+        """y₀ + c·(y' − y₀), y₀ = x Wᵀ + b with the original W (kept by the runtime for detach)."""
+        W0 = layer._lora_lite.orig_weight.to(device=x.device, dtype=x.dtype)
+        y0 = x @ W0 if is_conv1d(layer) else F.linear(x, W0)
+        if layer.bias is not None:
+            y0 = y0 + layer.bias.to(x.dtype)
+        return y0 + c * (LoRA.forward(layer, x, y) - y0)
