@@ -99,6 +99,8 @@ def setups(draw) -> dict:
         cfg["target_names"] = tuple(rf"^layers\.{i}$" for i in idx)
     elif how == "layers":
         cfg["layers"] = tuple(idx)
+    if draw(st.booleans()):
+        cfg["exclude_names"] = (rf"^layers\.{draw(st.integers(0, n - 1))}$",)
     frozen = draw(st.lists(st.booleans(), min_size=2 * n, max_size=2 * n))  # base requires_grad before attach
     return dict(shapes=shapes, cfg=cfg, frozen=frozen, seed=draw(st.integers(0, 2**16)))
 
@@ -273,3 +275,33 @@ def test_config_mutated_after_construction_is_revalidated_at_attach() -> None:
 def test_config_rejects_malformed_targeting(kw, msg) -> None:
     with pytest.raises(ll.ConfigError, match=msg):
         ll.LoraLiteConfig(**kw)
+
+
+@SETTINGS
+@given(
+    s=setups(), other=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 12), st.booleans()), min_size=1, max_size=4)
+)
+def test_load_onto_another_random_model_loads_exactly_or_refuses_cleanly(s, other, tmp_path_factory) -> None:
+    """An adapter saved from one random model, loaded onto another: LoadError and an untouched model, or a load
+    whose tensors equal the file's (shapes happened to fit)."""
+    m, x = _build(s)
+    try:
+        ll.attach(m, ll.LoraLiteConfig(**s["cfg"]), calibration_data=_calibration(s["cfg"]["variant"], x))
+    except DOCUMENTED:
+        return
+    path = ll.save(m, tmp_path_factory.mktemp("other") / "a.safetensors")
+    target = Net(other, s["seed"] + 1)
+    snap = snapshot(target)
+    try:
+        ll.load(target, path)
+    except ll.LoadError as e:
+        why = ("shape", "fingerprint", "does not fit", "missing", "unexpected", "dtype")
+        event("refused: " + next((k for k in why if k in str(e)), "other"))
+        assert_pristine(target, snap)
+        return
+    event("loaded")
+    _, _, tensors = ll.read_adapter(path)
+    got = ll.adapter_state_dict(target)
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    ll.detach(target)
+    assert_pristine(target, snap)
