@@ -1,0 +1,7 @@
+"""`python -m lora_lite ...` is the `lora-lite` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,459 @@
+"""`lora-lite` command line: fine-tune a causal LM (`train`), compare base vs adapted (`eval`), `demo`.
+
+    lora-lite train --model DIR_OR_HUB_ID --data FILE --variant dora --r 8 --alpha 16 --steps 200 --out run/
+    lora-lite train ... --out run/ --resume --steps 400      # continue run/ up to step 400
+    lora-lite eval  --model DIR_OR_HUB_ID --adapter run/ --data FILE
+    lora-lite demo                                           # offline, real weights, every variant
+
+transformers, tqdm and matplotlib are imported lazily here (they are not dependencies of the
+library: `pip install "lora-lite[demo]"`). Bad arguments print one line to stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lora_lite as ll
+
+from .config import ROLES
+
+ADAPTER_FILE = "adapter.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+STATE_FILE = "train_state.json"
+
+
+class UsageError(ValueError):
+    """A command-line argument is wrong (file missing, value out of range, ...)."""
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def _add_adapter_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("adapter (ignored with --resume: the config is read from the saved adapter)")
+    g.add_argument("--variant", default="lora", help="registered variant name (default: lora)")
+    g.add_argument("--r", type=int, default=8, help="rank (default: 8)")
+    g.add_argument("--alpha", type=float, default=16.0, help="scale numerator, s = alpha/r (default: 16)")
+    g.add_argument("--dropout", type=float, default=0.0, help="adapter input dropout (default: 0)")
+    g.add_argument("--dtype", default="float32", help="adapter dtype: float32, bfloat16, float16, float64")
+    g.add_argument("--target-roles", nargs="+", default=None, metavar="ROLE", help=f"any of {', '.join(ROLES)}")
+    g.add_argument(
+        "--target-names", nargs="+", default=(), metavar="REGEX", help="module-name regexes (override roles)"
+    )
+    g.add_argument("--exclude-names", nargs="+", default=None, metavar="REGEX", help="default: lm_head embed_tokens")
+    g.add_argument("--layers", nargs="+", type=int, default=None, metavar="I", help="transformer block indices")
+    g.add_argument("--variant-kwargs", default="{}", metavar="JSON", help="e.g. '{\"use_rslora\": true}'")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="a text file, or a .jsonl file with one JSON object per line")
+    g.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per training block (default: 128)")
+    g.add_argument("--batch-size", type=int, default=8, help="blocks per step (default: 8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="lora-lite",
+        description="Fine-tune and evaluate LoRA-family adapters on causal language models; run the offline demo.",
+    )
+    ap.add_argument("--version", action="version", version=f"lora-lite {ll.__version__}")
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    sub = ap.add_subparsers(dest="command", metavar="{train,eval,demo}")
+    sub.required = True
+
+    t = sub.add_parser("train", help="fine-tune an adapter on a text/JSONL file (AdamW), save it to --out")
+    t.add_argument("--model", required=True, help="local model directory or Hugging Face hub id")
+    _add_data_args(t)
+    _add_adapter_args(t)
+    o = t.add_argument_group("training")
+    o.add_argument("--out", required=True, help="output directory (adapter.safetensors, train_state.json, ...)")
+    o.add_argument("--resume", action="store_true", help="continue the run saved in --out up to --steps")
+    o.add_argument("--steps", type=int, default=100, help="total optimizer steps (default: 100)")
+    o.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default: 3e-4)")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default: 1)")
+    o.add_argument("--holdout", type=float, default=0.05, help="fraction of blocks held out (default: 0.05)")
+    o.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps, 0 = end only")
+    o.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: end only)")
+    o.add_argument("--calib-batches", type=int, default=4, help="training batches given to data-initialised variants")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+    e = sub.add_parser("eval", help="loss and perplexity of the base model and of base + adapter")
+    e.add_argument("--model", required=True, help="local model directory or Hugging Face hub id")
+    e.add_argument("--adapter", required=True, help="adapter .safetensors file, or a `train --out` directory")
+    _add_data_args(e)
+    e.add_argument("--max-batches", type=int, default=0, help="evaluate at most N batches (default: all)")
+    e.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+    d = sub.add_parser("demo", help="offline demo: adapt all-MiniLM-L6-v2 for passage retrieval, every variant")
+    from .demo import add_demo_args
+
+    add_demo_args(d)
+    return ap
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UsageError(msg)
+
+
+def config_from_args(args: argparse.Namespace) -> ll.LoraLiteConfig:
+    try:
+        vkw = json.loads(args.variant_kwargs)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--variant-kwargs is not valid JSON ({err}): {args.variant_kwargs!r}") from None
+    _need(isinstance(vkw, dict), f"--variant-kwargs must be a JSON object, got {args.variant_kwargs!r}")
+    kw: dict[str, Any] = dict(
+        variant=args.variant,
+        r=args.r,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        dtype=args.dtype,
+        target_names=tuple(args.target_names),
+        layers=tuple(args.layers) if args.layers is not None else None,
+        variant_kwargs=vkw,
+    )
+    if args.target_roles is not None:
+        kw["target_roles"] = tuple(args.target_roles)
+    if args.exclude_names is not None:
+        kw["exclude_names"] = tuple(args.exclude_names)
+    return ll.LoraLiteConfig(**kw)
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _check_model_ref(ref: str) -> None:
+    """Local paths must exist; anything shaped like `org/name` is left to the hub."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        _need(p.is_dir(), f"--model {ref!r} is a file; give the model directory (with config.json) or a hub id")
+        _need((p / "config.json").is_file(), f"--model {ref!r} has no config.json; is it a saved model directory?")
+        return
+    looks_local = ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or "\\" in ref
+    _need(not looks_local, f"--model {ref!r}: no such directory")
+
+
+def load_causal_lm(ref: str, device: torch.device):
+    """(model, tokenizer) via transformers' Auto classes; local directories, or hub ids when a hub is reachable."""
+    _check_model_ref(ref)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(ref)
+    model = AutoModelForCausalLM.from_pretrained(ref).to(device)
+    return model, tok
+
+
+def read_texts(path: str, text_field: str) -> list[str]:
+    """Documents of a data file: one per JSONL record (`.jsonl`/`.json` lines), or the whole text file."""
+    p = Path(path)
+    _need(p.is_file(), f"--data {path!r}: no such file")
+    if p.suffix.lower() in (".jsonl", ".ndjson"):
+        texts = []
+        with p.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"--data {path!r} line {i} is not valid JSON: {err}") from None
+                _need(
+                    isinstance(rec, dict) and isinstance(rec.get(text_field), str),
+                    f"--data {path!r} line {i} has no string field {text_field!r} (set --text-field)",
+                )
+                texts.append(rec[text_field])
+    else:
+        texts = [p.read_text(encoding="utf-8")]
+    _need(any(t.strip() for t in texts), f"--data {path!r} contains no text")
+    return texts
+
+
+def make_blocks(texts: list[str], tok, seq_len: int) -> torch.Tensor:
+    """Tokenize, join documents with EOS, cut into (n_blocks, seq_len) token blocks (the tail is dropped)."""
+    _need(seq_len >= 2, f"--seq-len must be >= 2, got {seq_len}")
+    sep = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tok(t, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            ids.append(sep)
+    n = len(ids) // seq_len
+    _need(n >= 1, f"the data has {len(ids)} tokens, fewer than one block of --seq-len {seq_len}; lower --seq-len")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def split_blocks(blocks: torch.Tensor, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random split of blocks into (train, held-out); held-out has at least one block if holdout > 0."""
+    _need(0.0 <= holdout < 1.0, f"--holdout must be in [0, 1), got {holdout}")
+    n = len(blocks)
+    n_ho = 0 if holdout == 0 else max(1, round(holdout * n))
+    _need(n - n_ho >= 1, f"only {n} block(s) of data: nothing left to train on; add data or lower --seq-len")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return blocks[perm[n_ho:]], blocks[perm[:n_ho]]
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Block indices of `step`: epochs of seeded permutations, a pure function of step (exact resume)."""
+    idx = torch.arange(step * batch_size, (step + 1) * batch_size)
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in idx.div(n, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        sel = idx.div(n, rounding_mode="floor") == epoch
+        out[sel] = perm[idx[sel] % n]
+    return out
+
+
+@torch.no_grad()
+def lm_eval(model, blocks: torch.Tensor, batch_size: int, device: torch.device, max_batches: int = 0) -> float:
+    """Mean next-token loss (nats per predicted token) over the blocks."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i, start in enumerate(range(0, len(blocks), batch_size)):
+        if max_batches and i >= max_batches:
+            break
+        ids = blocks[start : start + batch_size].to(device)
+        n_tok = ids.shape[0] * (ids.shape[1] - 1)
+        total += float(model(input_ids=ids, labels=ids).loss) * n_tok
+        count += n_tok
+    model.train(was)
+    return total / count
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def save_optimizer(opt: torch.optim.Optimizer, names: list[str], path: Path) -> None:
+    """AdamW state as safetensors (tensors keyed by parameter name) + param_groups as JSON metadata."""
+    from safetensors.torch import save_file
+
+    sd = opt.state_dict()
+    tensors = {}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{names[i]}::{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"param_groups": json.dumps(groups)})
+    os.replace(tmp, path)
+
+
+def load_optimizer(opt: torch.optim.Optimizer, names: list[str], path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    index = {n: i for i, n in enumerate(names)}
+    for key, v in tensors.items():
+        pname, k = key.split("::")
+        if pname not in index:
+            raise ll.LoadError(f"{path}: optimizer state for {pname!r}, which is not a trainable adapter tensor")
+        state.setdefault(index[pname], {})[k] = v
+    sd = {"state": state, "param_groups": [dict(g, params=list(range(len(names)))) for g in groups]}
+    opt.load_state_dict(sd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    _need(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    _need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    _need(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    out = Path(args.out)
+    state_path, adapter_path, optim_path = out / STATE_FILE, out / ADAPTER_FILE, out / OPTIM_FILE
+    prev: dict[str, Any] = {}
+    if args.resume:
+        _need(adapter_path.is_file() and state_path.is_file(), f"--resume: {str(out)!r} holds no run to resume")
+        prev = json.loads(state_path.read_text())
+        cfg = ll.read_adapter(adapter_path)[0]
+        _need(
+            args.steps > prev["step"],
+            f"--resume: {str(out)!r} is already at step {prev['step']}; pass --steps > {prev['step']}",
+        )
+    else:
+        _need(
+            not adapter_path.exists(), f"{str(adapter_path)!r} exists; pass --resume to continue it, or another --out"
+        )
+        cfg = config_from_args(args)  # validate before the (slow) model load
+    texts = read_texts(args.data, args.text_field)
+    device = _device(args.device)
+    torch.manual_seed(args.seed)
+    model, tok = load_causal_lm(args.model, device)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    _need(max_pos is None or args.seq_len <= max_pos, f"--seq-len {args.seq_len} > the model's {max_pos} positions")
+    train, held = split_blocks(make_blocks(texts, tok, args.seq_len), args.holdout, args.seed)
+    print(f"data: {len(train)} training blocks, {len(held)} held-out blocks of {args.seq_len} tokens")
+
+    if args.resume:
+        ll.load(model, adapter_path)
+        start = int(prev["step"])
+        history = prev.get("history", [])
+    else:
+        calib = [
+            {"input_ids": train[batch_indices(s, args.batch_size, len(train), args.seed)].to(device)}
+            for s in range(args.calib_batches)
+        ]
+        for b in calib:
+            b["attention_mask"] = torch.ones_like(b["input_ids"])
+        ll.attach(model, cfg, calibration_data=calib)
+        start, history = 0, []
+    named = _trainable(model)
+    names = [n for n, _ in named]
+    n_params = sum(p.numel() for _, p in named)
+    print(f"adapter: {cfg.variant} r={cfg.r} alpha={cfg.alpha} on {len(ll.targets(model))} layers, {n_params:,} params")
+    opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=args.weight_decay)
+    if args.resume and optim_path.is_file():
+        load_optimizer(opt, names, optim_path)
+        for g in opt.param_groups:  # the command line wins over the saved hyper-parameters
+            g["lr"], g["weight_decay"] = args.lr, args.weight_decay
+
+    def checkpoint(step: int) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        ll.save(model, adapter_path)
+        save_optimizer(opt, names, optim_path)
+        run = {k: v for k, v in vars(args).items() if k not in ("resume", "func", "debug")}
+        _write_json(state_path, {"step": step, "args": run, "config": cfg.to_dict(), "history": history})
+
+    def held_out() -> float | None:
+        return lm_eval(model, held, args.batch_size, device) if len(held) else None
+
+    if start == 0 and len(held):
+        ho = held_out()
+        history.append([0, None, ho])
+        print(f"step 0: held-out loss {ho:.4f} (ppl {_ppl(ho):.2f})")
+    model.train()
+    bar = tqdm(total=args.steps, initial=start, desc="train", dynamic_ncols=True)
+    t0, tokens, loss_val = time.perf_counter(), 0, float("nan")
+    for step in range(start, args.steps):
+        torch.manual_seed(args.seed * 1_000_003 + step)  # adapter/base dropout: same masks on resume
+        ids = train[batch_indices(step, args.batch_size, len(train), args.seed)].to(device)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_val = float(loss.detach())
+        _need(math.isfinite(loss_val), f"loss became {loss_val} at step {step + 1}; lower --lr")
+        tokens += ids.numel()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        done = step + 1
+        rec: list[Any] = [done, loss_val, None]
+        if (args.eval_every and done % args.eval_every == 0) or done == args.steps:
+            ho = held_out()
+            rec[2] = ho
+            if ho is not None:
+                bar.write(f"step {done}: train loss {loss_val:.4f}, held-out loss {ho:.4f} (ppl {_ppl(ho):.2f})")
+        history.append(rec)
+        if args.save_every and done % args.save_every == 0 and done != args.steps:
+            checkpoint(done)
+    bar.close()
+    checkpoint(args.steps)
+    print(f"saved {adapter_path} (step {args.steps}); resume with --resume --out {out} --steps N")
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    adapter = Path(args.adapter)
+    if adapter.is_dir():
+        adapter = adapter / ADAPTER_FILE
+    _need(adapter.is_file(), f"--adapter {args.adapter!r}: no adapter file there")
+    ll.read_adapter(adapter)  # validates the file before the model load
+    texts = read_texts(args.data, args.text_field)
+    device = _device(args.device)
+    model, tok = load_causal_lm(args.model, device)
+    blocks = make_blocks(texts, tok, args.seq_len)
+    disabled = getattr(ll, "disabled", None)
+    if disabled is None:
+        base = lm_eval(model, blocks, args.batch_size, device, args.max_batches)
+        ll.load(model, adapter)
+    else:
+        ll.load(model, adapter)
+        with disabled(model):
+            base = lm_eval(model, blocks, args.batch_size, device, args.max_batches)
+    adapted = lm_eval(model, blocks, args.batch_size, device, args.max_batches)
+    n = min(len(blocks), args.max_batches * args.batch_size) if args.max_batches else len(blocks)
+    print(f"{n} blocks of {args.seq_len} tokens from {args.data}")
+    print(f"{'':8} {'loss':>8} {'ppl':>10}")
+    print(f"{'base':8} {base:8.4f} {_ppl(base):10.2f}")
+    print(f"{'adapted':8} {adapted:8.4f} {_ppl(adapted):10.2f}")
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+_USER_ERRORS = (ll.ConfigError, ll.TargetError, ll.AdapterError, OSError, ValueError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `lora-lite` and `python -m lora_lite`; returns the exit status."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    commands = {"train": cmd_train, "eval": cmd_eval}
+    if args.command == "demo":
+        from .demo import cmd_demo
+
+        commands["demo"] = cmd_demo
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("lora-lite: interrupted", file=sys.stderr)
+        return 130
+    except ImportError as err:
+        if args.debug:
+            raise
+        print(f"lora-lite: error: {err} (the CLI needs: pip install 'lora-lite[demo]')", file=sys.stderr)
+        return 1
+    except _USER_ERRORS as err:
+        if args.debug:
+            raise
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        more = f" [{len(lines) - 1} more lines: rerun with --debug]" if len(lines) > 1 else ""
+        print(f"lora-lite: error: {lines[0]}{more}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
