@@ -105,6 +105,21 @@ def base_model(kind: str) -> nn.Module:
     return copy.deepcopy(_base(kind))
 
 
+def linear_twin(model: nn.Module) -> nn.Module:
+    """The same model with every transformers Conv1D (y = x W + b, W: (d_in, d_out)) replaced by the equal
+    nn.Linear (weight Wᵀ). For peft tuners that reject Conv1D: peft runs on the twin, lora-lite on the Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Conv1D):
+            lin = nn.Linear(m.nx, m.nf, device="meta")
+            lin.weight = nn.Parameter(m.weight.detach().t().contiguous().clone())
+            lin.bias = nn.Parameter(m.bias.detach().clone())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    return model
+
+
 def batches(kind: str, n: int, seed: int = 0, pad: bool = False) -> list[dict[str, torch.Tensor]]:
     """n batches of 2 x 8 tokens. pad=True zeroes the attention mask of the last 3 tokens of row 1."""
     g = torch.Generator().manual_seed(seed)
@@ -213,7 +228,9 @@ class Case:
     variant_kwargs: dict[str, Any] | Callable[[str], dict[str, Any]] = field(default_factory=dict)  # or kind -> dict
     target: Callable[[str], str] = lambda kind: TARGETS[kind]
     eva: bool = False  # data-initialised: calibration batches on both sides
-    note: str = ""
+    grad_rtol: float | None = None  # None: the test's RTOL; looser values are justified where the case is defined
+    train_rtol: float | None = None  # None: the test's TRAIN_RTOL
+    patch: Callable[[Any], None] | None = None  # (pytest monkeypatch) -> None, applied before attaching ours
 
     def ours_config(self, kind: str) -> ll.LoraLiteConfig:
         return ll.LoraLiteConfig(
@@ -245,6 +262,7 @@ def apply_peft(model: nn.Module, case: Case, kind: str, calib: list | None) -> n
     peft gives when it does not support these layers (e.g. HRA and DeLoRA on GPT-2's Conv1D)."""
     from peft import get_peft_model
 
+    was_training = model.training
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -257,6 +275,10 @@ def apply_peft(model: nn.Module, case: Case, kind: str, calib: list | None) -> n
             from peft import initialize_lora_eva_weights
 
             initialize_lora_eva_weights(pm, dataloader=calib, show_progress_bar=False)
+    # The PeftModel wrapper is a new nn.Module, so its own .training is True even around an eval() model, and
+    # peft's EVA ends with `model.train(training)` (eva.py L480), which puts every submodule in training mode:
+    # BERT's dropout (p = 0.1) would switch on. Restore the mode the base model was built in.
+    pm.train(was_training)
     return pm
 
 

@@ -32,6 +32,7 @@ from _parity import (
     compare_tensors,
     copy_into_ours,
     eva_calibration,
+    linear_twin,
     loss,
     map_delora,
     map_dora,
@@ -48,6 +49,7 @@ from _parity import (
 )
 
 import lora_lite as ll
+import lora_lite.variants.dora
 
 peft = pytest.importorskip("peft")
 
@@ -69,6 +71,15 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@torch.no_grad()
+def _dense_dora_norm(layer: torch.nn.Module) -> torch.Tensor:
+    """peft's DoRA norm, `torch.linalg.norm(W + s·B A, dim=1)` (peft/tuners/lora/dora.py:85-91), for our layers."""
+    from lora_lite.target import dense_weight
+
+    V = dense_weight(layer) + layer._lora_lite.scale * (layer.lora_B @ layer.lora_A)
+    return torch.linalg.norm(V, dim=1)
 
 
 def _lora_cfg(kind: str, r: int = R, alpha: float = 8.0, **kw):
@@ -111,7 +122,34 @@ CASES = [
     Case(
         "pissa (alpha != r)", "pissa", R, 16.0, lambda k: _lora_cfg(k, alpha=16.0, init_lora_weights="pissa"), map_lora
     ),
-    Case("dora", "dora", R, 8.0, lambda k: _lora_cfg(k, use_dora=True), map_dora),
+    # Our DoRA computes ‖W + s·B A‖_row by the expansion ‖W‖² + 2s·rowsum(B ⊙ W Aᵀ) + s²·rowsum(B AAᵀ ⊙ B)
+    # (documented deviation in dora.py: no d_out x d_in temporary), equal to peft's dense norm to fp32 rounding.
+    # That rounding (~1e-7 in m/‖V‖) reaches the gradients at up to 8.4e-6 (measured, MiniLM: 6 LayerNorm'd
+    # blocks), hence grad_rtol 5e-5; and AdamW's first update is lr·g/(|g| + eps) ~ lr·sign(g), so a gradient
+    # entry within rounding of zero can step +lr on one side and -lr on the other: measured 1.4e-3 of the
+    # tensor's scale after 10 steps (MiniLM), hence train_rtol 5e-3 for the tensors (losses and outputs keep
+    # TRAIN_RTOL). The next case proves that the norm formula is the *only* difference: with peft's dense norm
+    # patched in, every number, trained tensors included, is within RTOL (measured: bit-identical).
+    Case(
+        "dora",
+        "dora",
+        R,
+        8.0,
+        lambda k: _lora_cfg(k, use_dora=True),
+        map_dora,
+        grad_rtol=5e-5,
+        train_rtol=5e-3,
+    ),
+    Case(
+        "dora, peft's dense norm patched in",
+        "dora",
+        R,
+        8.0,
+        lambda k: _lora_cfg(k, use_dora=True),
+        map_dora,
+        train_rtol=RTOL,
+        patch=lambda mp: mp.setattr(lora_lite.variants.dora, "weight_norm", _dense_dora_norm),
+    ),
     Case("ia3 (output gating)", "ia3", R, 1.0, lambda k: _ia3_cfg(k, []), map_ia3),
     Case(
         "ia3 + ia3_ff (peft feedforward_modules)",
@@ -132,7 +170,21 @@ CASES = [
         target=lambda k: FEEDFORWARD[k],
     ),
     Case("hra", "hra", R, 1.0, lambda k: _hra_cfg(k, False), map_hra, {"apply_GS": False}),
-    Case("hra (apply_GS)", "hra", R, 1.0, lambda k: _hra_cfg(k, True), map_hra, {"apply_GS": True}),
+    # Gram-Schmidt of a pair u_1 ≈ u_2 (peft's paired init + our 10% perturbation) divides by the residual
+    # ‖u_2 − (q_1·u_2) q_1‖ ≈ 0.1‖u‖, so the different rounding order of our x − 2(x Qᵀ)Q and peft's dense
+    # W(I − 2QQᵀ) is amplified ~10x in the gradients: measured 1.7e-5 on MiniLM (5.7e-6 with well-separated
+    # vectors), and 1.1e-4 in the tensors after 10 AdamW steps. Hence 5e-5 / 5e-4 for this case only.
+    Case(
+        "hra (apply_GS)",
+        "hra",
+        R,
+        1.0,
+        lambda k: _hra_cfg(k, True),
+        map_hra,
+        {"apply_GS": True},
+        grad_rtol=5e-5,
+        train_rtol=5e-4,
+    ),
     Case("delora", "delora", R, 15.0, _delora_cfg, map_delora, {"delora_lambda": 15.0}),
     Case("eva", "eva", R, 8.0, _eva_cfg, map_lora, eva=True),
 ]
@@ -210,7 +262,11 @@ PARAMS = [
 
 
 @pytest.mark.parametrize("case, kind", PARAMS)
-def test_parity_with_peft(case: Case, kind: str) -> None:
+def test_parity_with_peft(case: Case, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if case.patch is not None:
+        case.patch(monkeypatch)
+    grad_rtol = case.grad_rtol or RTOL
+    train_rtol = case.train_rtol or TRAIN_RTOL
     calib = eva_calibration(kind) if case.eva else None
     theirs_base, ours = base_model(kind), base_model(kind)
     data = batches(kind, STEPS, seed=1)
@@ -219,9 +275,17 @@ def test_parity_with_peft(case: Case, kind: str) -> None:
 
     torch.manual_seed(0)
     pm = apply_peft(theirs_base, case, kind, calib)
+    peft_na = None
     if isinstance(pm, str):
-        record(variant=case.label, model=kind, status=f"n/a (peft: {pm})")
-        pytest.skip(f"peft does not support {case.label} on {kind}: {pm}")
+        if kind != "gpt2":
+            record(variant=case.label, model=kind, status=f"n/a (peft: {pm})")
+            pytest.skip(f"peft does not support {case.label} on {kind}: {pm}")
+        # peft's tuner rejects GPT-2's Conv1D: run peft on the nn.Linear twin of the same model (same function),
+        # lora-lite on the Conv1D original, so our Conv1D path is still checked against peft's math.
+        peft_na = pm
+        torch.manual_seed(0)
+        pm = apply_peft(linear_twin(base_model(kind)), case, kind, calib)
+        assert not isinstance(pm, str), pm
     torch.manual_seed(0)
     ll.attach(ours, case.ours_config(kind), calibration_data=calib)
     pairs = peft_pairs(pm, ours)
@@ -229,10 +293,16 @@ def test_parity_with_peft(case: Case, kind: str) -> None:
     # 1. init, before any copying: the outputs of both adapted models, and the weight-determined tensors
     with torch.no_grad():
         y_p0, y_o0 = output(pm, kind, data[0]), output(ours, kind, data[0])
-    nan_p, nan_o = torch.isnan(y_p0), torch.isnan(y_o0)
-    init_nan = bool(nan_p.any())
-    assert torch.equal(nan_p, nan_o), "NaN at init in one implementation only"
-    init_out_err = rel_err(y_o0[~nan_o], y_p0[~nan_p]) if (~nan_p).any() else 0.0
+    gs_init = case.variant_kwargs == {"apply_GS": True}
+    if gs_init:
+        # HRA with apply_GS at peft's paired init is ill-defined in peft and in ours alike: Gram-Schmidt of
+        # u_2 = u_1 leaves u_2 - (q_1·u_2) q_1 = rounding noise, which is then normalised (a random direction), or
+        # exactly 0, and 0/0 = NaN. Which one happens depends on the order of the rounding, so the outputs at init
+        # are not comparable; record what each side produced. (From the first perturbation on, all is defined.)
+        init_out_err = float("nan")
+        init_nan = f"peft {'NaN' if y_p0.isnan().any() else 'finite'}, ours {'NaN' if y_o0.isnan().any() else 'finite'}"
+    else:
+        init_out_err, init_nan = rel_err(y_o0, y_p0), ""
     init = _init_check(case, pairs)
 
     # 2. perturb peft away from init, copy into ours
@@ -272,6 +342,9 @@ def test_parity_with_peft(case: Case, kind: str) -> None:
         variant=case.label,
         model=kind,
         n_layers=len(pairs),
+        peft_na=peft_na,
+        grad_rtol=grad_rtol,
+        train_rtol=train_rtol,
         init_out_err=init_out_err,
         init_nan=init_nan,
         **init,
@@ -285,11 +358,11 @@ def test_parity_with_peft(case: Case, kind: str) -> None:
     )
     init_tol = EVA_RTOL if case.eva else RTOL
     checks = {
-        "init output": init_out_err <= RTOL or case.label == "hra (apply_GS)" and init_nan,
+        "init output": gs_init or init_out_err <= RTOL,
         "init tensors": init["init_err"] is None or init["init_err"] <= init_tol,
         "forward": fwd_err <= RTOL,
-        "gradients": row["grad_err"] <= RTOL,
-        "trained tensors": row["train_param_err"] <= TRAIN_RTOL,
+        "gradients": row["grad_err"] <= grad_rtol,
+        "trained tensors": row["train_param_err"] <= train_rtol,
         "training losses": loss_err <= TRAIN_RTOL,
         "trained outputs": out_after <= TRAIN_RTOL,
         "loss fell": final_p < losses_p[0],
@@ -297,14 +370,30 @@ def test_parity_with_peft(case: Case, kind: str) -> None:
     row["status"] = "ok" if all(checks.values()) else "FAIL: " + ", ".join(k for k, v in checks.items() if not v)
     record(**row)
 
-    assert init_out_err <= RTOL or init_nan, f"outputs at init differ from peft's: {init_out_err:.2e}"
+    assert gs_init or init_out_err <= RTOL, f"outputs at init differ from peft's: {init_out_err:.2e}"
     if init["init_err"] is not None:
         assert init["init_err"] <= init_tol, f"init ({init['init_what']}) differs from peft's: {init['init_err']:.2e}"
     assert fwd_err <= RTOL, f"forward differs from peft: {fwd_err:.2e}"
     worst = max(grad_errs, key=grad_errs.get)
-    assert grad_errs[worst] <= RTOL, f"gradient of {worst} differs from peft: {grad_errs[worst]:.2e}"
+    assert grad_errs[worst] <= grad_rtol, f"gradient of {worst} differs from peft: {grad_errs[worst]:.2e}"
     worst = max(param_errs, key=param_errs.get)
-    assert param_errs[worst] <= TRAIN_RTOL, f"after {STEPS} steps {worst} differs: {param_errs[worst]:.2e}"
+    assert param_errs[worst] <= train_rtol, f"after {STEPS} steps {worst} differs: {param_errs[worst]:.2e}"
     assert loss_err <= TRAIN_RTOL, f"loss differs during training: {loss_err:.2e} ({losses_o} vs {losses_p})"
     assert out_after <= TRAIN_RTOL, f"outputs after training differ: {out_after:.2e}"
     assert final_p < losses_p[0], "training should lower the loss (else the comparison is vacuous)"
+
+
+def test_harness_detects_a_one_percent_scale_error() -> None:
+    """The comparison is not vacuous: lora-lite with alpha 1% off peft's fails the forward check by far."""
+    case = CASES[0]
+    theirs, ours = base_model("llama"), base_model("llama")
+    pm = apply_peft(theirs, case, "llama", None)
+    cfg = case.ours_config("llama")
+    ll.attach(ours, ll.LoraLiteConfig(**{**cfg.to_dict(), "dtype": cfg.dtype, "alpha": cfg.alpha * 1.01}))
+    pairs = peft_pairs(pm, ours)
+    perturb_peft(pairs, case.mapping)
+    copy_into_ours(pairs, case.mapping)
+    batch = batches("llama", 1, seed=1)[0]
+    with torch.no_grad():
+        err = rel_err(output(ours, "llama", batch), output(pm, "llama", batch))
+    assert err > 100 * RTOL, err
