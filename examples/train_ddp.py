@@ -38,20 +38,20 @@ def base() -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).to(device)
 
 
-g = torch.Generator().manual_seed(1)  # the same global data on every rank; each rank takes its rows
-data = torch.randint(0, 128, (args.steps, 4 * world, 32), generator=g)
+g = torch.Generator().manual_seed(1)  # the same 4 global batches on every rank; each rank takes its rows
+data = torch.randint(0, 128, (4, 4 * world, 32), generator=g)
 
 model = base()
 calibration = None
 if args.variant == "eva":  # every rank passes its own shard: eva sums the statistics over ranks
-    calibration = [batch[rank::world].to(device) for batch in data[:4]]
+    calibration = [batch[rank::world].to(device) for batch in data]
 torch.manual_seed(1234)  # the same adapter init on every rank (DDP also broadcasts rank 0's at wrap time)
 ll.attach(model, ll.LoraLiteConfig(variant=args.variant, r=8, alpha=16.0), calibration_data=calibration)
 ddp = DDP(model, device_ids=[device.index] if cuda else None)
 
 opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=3e-3)
 for step in range(args.steps):
-    ids = data[step][rank::world].to(device)  # this rank's shard of the global batch
+    ids = data[step % len(data)][rank::world].to(device)  # this rank's shard of the global batch
     loss = ddp(input_ids=ids, labels=ids).loss
     loss.backward()  # DDP all-reduces (averages) the lora_* gradients here
     opt.step()
