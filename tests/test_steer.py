@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_merge import perturb, rel
-from test_variants_common import CASES, _attach, _inputs, _model, _out
+from test_merge import _gpt2, perturb, rel
+from test_variants_common import ALL_ROLES, CASES, _attach, _inputs, _model, _out
 
 import lora_lite as ll
 from lora_lite.variants.antipasto import block_size, max_angle, rotation_blocks
@@ -197,3 +197,22 @@ def test_scaled_gradients_flow() -> None:
         model(x).logits.square().mean().backward()
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", ["pissa", "antipasto", "ia3", "hra"])
+def test_disabled_and_scaled_gpt2_conv1d(name: str) -> None:
+    """Conv1D keeps W as (d_in, d_out): the swapped-in original weight and pissa's y₀ must use that layout."""
+    model = _gpt2()
+    x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(x).logits
+    ll.attach(model, ll.LoraLiteConfig(variant=name, target_roles=ALL_ROLES, **CASES[name]["cfg"]))
+    perturb(model)
+    with torch.no_grad():
+        adapted = model(x).logits
+        assert rel(adapted, base) > 1e-2
+        with ll.disabled(model):
+            assert torch.equal(model(x).logits, base)
+        with ll.scaled(model, 0.0):
+            assert rel(model(x).logits, base) <= 1e-5
+        assert torch.equal(model(x).logits, adapted)
