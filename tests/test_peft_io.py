@@ -99,6 +99,9 @@ PEFT_CONFIGS = {
     "dora": lambda: peft.LoraConfig(r=4, lora_alpha=6, use_dora=True, target_modules=["q_proj", "gate_proj"]),
     "dropout": lambda: peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["o_proj"]),
     "regex": lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=r".*\.1\.mlp\.(up|down)_proj"),
+    "pissa": lambda: peft.LoraConfig(
+        r=4, lora_alpha=6, init_lora_weights="pissa", target_modules=["q_proj", "up_proj"]
+    ),
     "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
 }
 
@@ -137,6 +140,8 @@ def _edit_config(path, **changes) -> None:
         (dict(alpha_pattern={"q_proj": 8}), r"\['alpha_pattern'\]"),
         (dict(peft_type="LOHA"), r"peft_type 'LOHA' is not supported"),
         (dict(r=8), r"rank 4 differs from the config's r=8"),
+        (dict(init_lora_weights="pissa_niter_4"), r"init_lora_weights='pissa_niter_4'.*path_initial_model"),
+        (dict(init_lora_weights="olora"), r"init_lora_weights='olora'"),
     ],
 )
 def test_import_refuses_unsupported_options(changes: dict, match: str, tmp_path) -> None:

@@ -9,7 +9,9 @@ lora_magnitude_vector (d_out,), ia3_l ((d_out, 1), or (1, d_in) for feed-forward
 Module names are relative to the model passed in: export from, and serve on, the same model class.
 pissa is written against the ORIGINAL weight as a rank-2r LoRA (peft's PiSSA conversion, see pissa.py).
 
-import_peft: peft LoRA (incl. rslora, DoRA) and IA3 adapters, attached as lora-lite lora / dora / ia3.
+import_peft: peft LoRA (incl. rslora, DoRA) and IA3 adapters, attached as lora-lite lora / dora / ia3
+(a peft PiSSA adapter saved without conversion, init_lora_weights="pissa", as lora-lite pissa: both
+re-derive W_res from the exact SVD of the base weight on load).
 The targets are read from the tensor keys (exactly the modules peft adapted). Options lora-lite has no
 equivalent for (bias training, modules_to_save, per-layer rank/alpha patterns, ...) raise LoadError.
 Only safetensors files are read (no pickle).
@@ -192,6 +194,16 @@ def _lora_plan(pc: dict, tensors: dict, path: Path, dtype) -> tuple[LoraLiteConf
             "(lora-lite trains only the adapter tensors, one rank and alpha for every layer); cannot import"
         )
     use_dora = bool(pc.get("use_dora", False))
+    variant = "dora" if use_dora else "lora"
+    init = pc.get("init_lora_weights", True)
+    if init == "pissa" and not use_dora:  # peft re-runs the exact SVD on load: so does our pissa (bit-exact)
+        variant = "pissa"
+    elif isinstance(init, str) and init.lower().startswith(("pissa", "corda", "olora", "loftq")):
+        raise LoadError(
+            f"{str(path)!r}: init_lora_weights={init!r}: peft replaced the base weight at init in a way lora-lite "
+            "cannot re-derive (only the exact-SVD init 'pissa' without DoRA is supported). Convert it to a plain "
+            "LoRA with peft: save_pretrained(dir, path_initial_model_for_weight_conversion=...), and import that"
+        )
     suffixes = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if use_dora else ())
     per: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
@@ -208,7 +220,7 @@ def _lora_plan(pc: dict, tensors: dict, path: Path, dtype) -> tuple[LoraLiteConf
                 "(a per-layer rank pattern is not supported)"
             )
     cfg = LoraLiteConfig(
-        variant="dora" if use_dora else "lora",
+        variant=variant,
         r=r,
         alpha=float(pc.get("lora_alpha", 8)),
         dropout=float(pc.get("lora_dropout", 0.0)),
