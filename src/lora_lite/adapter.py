@@ -97,10 +97,14 @@ def _forward_hook(layer: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tenso
     st: _LayerState = layer._lora_lite
     if not st.enabled:
         return None
-    x = args[0].to(_adapter_dtype(layer, st))
+    x, dtype = args[0], _adapter_dtype(layer, st)
+    if x.dtype != dtype:  # hot path: no .to() call when nothing is cast (the common case)
+        x = x.to(dtype)
     if st.coef != 1.0:  # inside ll.scaled(model, c)
-        return st.variant.scaled_forward(layer, x, y, st.coef).to(y.dtype)
-    return st.variant.forward(layer, x, y).to(y.dtype)
+        out = st.variant.scaled_forward(layer, x, y, st.coef)
+    else:
+        out = st.variant.forward(layer, x, y)
+    return out if out.dtype == y.dtype else out.to(y.dtype)
 
 
 def _pre_hook(layer: nn.Module, args: tuple) -> tuple | None:
@@ -110,10 +114,13 @@ def _pre_hook(layer: nn.Module, args: tuple) -> tuple | None:
     x = args[0]
     # x here is also the base path: an adapter dtype narrower than x (bf16 adapter, fp32 model) rounds
     # the layer input through it, so pre-hook variants are then identity at init only to that rounding.
-    xa = x.to(_adapter_dtype(layer, st))
+    dtype = _adapter_dtype(layer, st)
+    xa = x if x.dtype == dtype else x.to(dtype)
     if st.coef != 1.0:  # inside ll.scaled(model, c)
-        return (st.variant.scaled_forward_input(layer, xa, st.coef).to(x.dtype), *args[1:])
-    return (st.variant.forward_input(layer, xa).to(x.dtype), *args[1:])
+        out = st.variant.scaled_forward_input(layer, xa, st.coef)
+    else:
+        out = st.variant.forward_input(layer, xa)
+    return (out if out.dtype == x.dtype else out.to(x.dtype), *args[1:])
 
 
 # ---------------------------------------------------------------- plan
