@@ -14,6 +14,10 @@ What is measured, exactly:
 
 - step time: `opt.zero_grad(set_to_none=True); model(input_ids, labels).loss.backward(); opt.step()`,
   AdamW(lr=1e-4) over the trainable parameters, fp32, dropout 0, wall clock (`time.perf_counter`).
+- CPU time: the process's CPU seconds per step (`time.process_time`), recorded next to the wall
+  time. With `--threads 1` it is barely affected by other processes competing for the cores (it
+  stops while the process is descheduled), so it is the number to trust on a busy machine; with
+  more threads it also counts OpenMP spin-waiting.
 - frozen base: the same model with no adapter and every parameter frozen. So that its backward does
   the same work as an adapted model's (input-gradients through every layer down to the first
   targeted projections, no weight gradients), a forward hook on each targeted projection marks its
@@ -198,6 +202,7 @@ class Arm:
     init_s: float
     trainable: int
     times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
 
 
 def _mark_outputs(model: torch.nn.Module) -> None:
@@ -375,15 +380,16 @@ def _run(size: Size, variants: list[str], rounds: int, warmup: int, threads: int
         order = list(range(len(arms)))
         rng.shuffle(order)
         for i in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             step(arms[i], ids)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if rnd >= warmup:
                 arms[i].times.append(dt)
+                arms[i].cpu.append(dc)
         print(f"round {rnd + 1}/{warmup + rounds} done ({time.perf_counter() - t_start:.0f}s)", file=sys.stderr)
 
     # memory pass after timing, one model at a time, only that model alive besides the template
-    keep = [(a.label, a.variant, a.init_s, a.trainable, a.times) for a in arms]
+    keep = [(a.label, a.variant, a.init_s, a.trainable, a.times, a.cpu) for a in arms]
     arms.clear()
     gc.collect()
     peaks = {}
@@ -391,10 +397,11 @@ def _run(size: Size, variants: list[str], rounds: int, warmup: int, threads: int
         peaks[(label, case.name if case else "-")] = peak_memory(label, case, template, size, calib, ids)
 
     rows = {}
-    for label, variant, init_s, trainable, times in keep:
+    for label, variant, init_s, trainable, times, cpu in keep:
         rows[(label, variant)] = dict(
             step_s=statistics.median(times),
             step_s_all=times,
+            cpu_s=statistics.median(cpu),
             init_s=init_s,
             trainable=trainable,
             peak_mb=peaks[(label, variant)][0] / 2**20,
@@ -409,12 +416,14 @@ def _run(size: Size, variants: list[str], rounds: int, warmup: int, threads: int
             if row is None:
                 r[lib] = None
                 continue
-            r[lib] = {k: row[k] for k in ("step_s", "init_s", "trainable", "peak_mb", "init_peak_mb")}
+            r[lib] = {k: row[k] for k in ("step_s", "cpu_s", "init_s", "trainable", "peak_mb", "init_peak_mb")}
             r[lib]["step_vs_base"] = row["step_s"] / base["step_s"]
+            r[lib]["cpu_vs_base"] = row["cpu_s"] / base["cpu_s"]
             r[lib]["extra_mb_vs_base"] = row["peak_mb"] - base["peak_mb"]
             r[lib]["step_s_all"] = row["step_s_all"]
         if ours and pf:
             r["ours_vs_peft_step"] = ours["step_s"] / pf["step_s"]
+            r["ours_vs_peft_cpu"] = ours["cpu_s"] / pf["cpu_s"]
             r["ours_vs_peft_peak"] = ours["peak_mb"] / pf["peak_mb"]
         results.append(r)
 
@@ -437,13 +446,21 @@ def _run(size: Size, variants: list[str], rounds: int, warmup: int, threads: int
             "transformers": transformers.__version__,
             "lora_lite": ll.__version__,
         },
-        "base": {k: base[k] for k in ("step_s", "init_s", "trainable", "peak_mb", "step_s_all")},
+        "base": {k: base[k] for k in ("step_s", "cpu_s", "init_s", "trainable", "peak_mb", "step_s_all")},
+        "load_avg": _loadavg(),
         "variants": results,
         "pissa_fast_init": pissa,
         "not_in_lora_lite": missing_ours,
         "skipped": skipped,
         "total_s": time.perf_counter() - t_start,
     }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
 
 
 def _cpu_name() -> str:
