@@ -125,6 +125,20 @@ def test_import_reproduces_peft(case: str, tmp_path) -> None:
         assert {k for n, k in kinds.items() if not n.endswith("down_proj")} == {"ia3"}
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_import_reproduces_peft_gpt2_conv1d(use_dora: bool, tmp_path) -> None:
+    """peft with fan_in_fan_out=True on Conv1D: same (r, d_in) / (d_out, r) tensors, our layout from the module."""
+    x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    conf = peft.LoraConfig(r=4, lora_alpha=6, use_dora=use_dora, fan_in_fan_out=True, target_modules=["c_attn", "c_fc"])
+    pm = peft.get_peft_model(_gpt2(), conf)
+    perturb(pm)
+    pm.save_pretrained(str(tmp_path))
+    want = _logits(pm.eval(), x)
+    model = _gpt2()
+    assert len(ll.import_peft(model, tmp_path)) == 4
+    assert rel(_logits(model, x), want) <= RTOL
+
+
 def _edit_config(path, **changes) -> None:
     conf = json.loads((path / "adapter_config.json").read_text())
     conf.update(changes)

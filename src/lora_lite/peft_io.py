@@ -12,8 +12,11 @@ pissa is written against the ORIGINAL weight as a rank-2r LoRA (peft's PiSSA con
 import_peft: peft LoRA (incl. rslora, DoRA) and IA3 adapters, attached as lora-lite lora / dora / ia3
 (a peft PiSSA adapter saved without conversion, init_lora_weights="pissa", as lora-lite pissa: both
 re-derive W_res from the exact SVD of the base weight on load).
-The targets are read from the tensor keys (exactly the modules peft adapted). Options lora-lite has no
-equivalent for (bias training, modules_to_save, per-layer rank/alpha patterns, ...) raise LoadError.
+The targets are read from the tensor keys (exactly the modules peft adapted, whatever `target_modules`
+pattern chose them); ia3's feed-forward split from `feedforward_modules` with peft's own matching rule.
+`fan_in_fan_out` needs no handling: peft's lora tensors have the same shapes for GPT-2 Conv1D, and our
+layout follows the module. Options lora-lite has no equivalent for (bias training, modules_to_save,
+per-layer rank/alpha patterns, ...) raise LoadError.
 Only safetensors files are read (no pickle).
 """
 
