@@ -216,3 +216,33 @@ def test_disabled_and_scaled_gpt2_conv1d(name: str) -> None:
         with ll.scaled(model, 0.0):
             assert rel(model(x).logits, base) <= 1e-5
         assert torch.equal(model(x).logits, adapted)
+
+
+@pytest.mark.parametrize("name", ["pissa", "antipasto"])
+def test_backward_inside_disabled_uses_the_graphs_own_weights(name: str) -> None:
+    """A graph built before the block (policy forward), differentiated inside it (after the reference forward),
+    must see W_res, not the original weight swapped in for the block (the swap rebinds `weight.data`; autograd
+    saved its own reference to the W_res storage, so an in-place copy_ here would be wrong, a rebind is not)."""
+    model, x, _, _ = _setup(name)
+    model(x).logits.square().mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    loss = model(x).logits.square().mean()
+    with ll.disabled(model):
+        with torch.no_grad():
+            model(x)
+        loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, want[n]), n
+
+
+def test_disabled_keeps_the_parameter_objects() -> None:
+    model, *_ = _setup("pissa")
+    params = {n: p for n, p in model.named_parameters()}
+    with ll.disabled(model):
+        pass
+    assert all(p is params[n] for n, p in model.named_parameters())
+    with ll.disabled(model):
+        ll.detach(model)
+    assert all(p is params[n] for n, p in model.named_parameters() if n in params)
