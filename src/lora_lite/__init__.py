@@ -17,6 +17,7 @@ from .config import ConfigError, LoraLiteConfig
 from .merge import merge, merged_state_dict
 from .peft_io import export_peft, import_peft
 from .steer import disabled, scaled
+from .summary import summary
 from .target import TargetError, find_targets
 from .variant import REGISTRY, ParamSpec, Variant, register
 
@@ -46,5 +47,6 @@ __all__ = [
     "register",
     "save",
     "scaled",
+    "summary",
     "targets",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ FORMAT = "lora-lite"
 FORMAT_VERSION = "1"
 _STATE = "_lora_lite_state"  # on the model
 _LAYER = "_lora_lite"  # on each target layer
+_log = logging.getLogger("lora_lite")  # attach logs what it targeted at INFO (silent by default)
 
 
 class AdapterError(RuntimeError):
@@ -244,6 +246,10 @@ def attach(
     except BaseException:
         _remove(model)
         raise
+    if _log.isEnabledFor(logging.INFO):
+        from .summary import one_line
+
+        _log.info(one_line(model))
     return [t.name for t in plan]
 
 
