@@ -54,6 +54,8 @@ def dense_weight(m: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tens
     if hasattr(w, "quant_state"):  # bitsandbytes 4-bit
         import bitsandbytes.functional as bnbF
 
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            return _dequantize_4bit_cpu_packed(w).to(dtype)
         return bnbF.dequantize_4bit(w.data, w.quant_state).to(dtype)
     if not torch.is_floating_point(w):  # bitsandbytes 8-bit: int8 rows with per-row absmax SCB
         scb = getattr(w, "SCB", None)
@@ -61,9 +63,35 @@ def dense_weight(m: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tens
             scb = getattr(getattr(m, "state", None), "SCB", None)
         if scb is None:
             raise TargetError(f"cannot dequantize the {w.dtype} weight of {type(m).__name__}")
-        return (w.data.to(torch.float32) * scb.to(torch.float32).unsqueeze(1) / 127.0).to(dtype)
+        import bitsandbytes.functional as bnbF
+
+        return bnbF.int8_vectorwise_dequant(w.data, scb.to(w.device)).to(dtype)  # W·SCB/127, as peft's dequantize
     w = w.detach()
     return (w.t() if is_conv1d(m) else w).to(dtype)
+
+
+def _dequantize_4bit_cpu_packed(w: torch.Tensor) -> torch.Tensor:
+    """Dequantize a bitsandbytes 4-bit weight held in bnb's CPU inference layout, as fp32 (d_out, d_in).
+
+    bitsandbytes (observed: 0.50.2) on an AVX512-BF16 CPU repacks a `Linear4bit` weight in place at its first
+    eval-mode forward whose input does not require grad (`_convert_weight_packed_for_cpu`): nibbles
+    reordered in 32-row tiles, absmax de-nested, transposed to (d_in/blocksize, d_out) and rounded to
+    bf16. `dequantize_4bit` reads that layout as garbage (and so does peft's `dequantize_bnb_weight`);
+    bnb's own inverse restores the nibbles exactly but leaves a non-nested absmax transposed. So: the
+    inverse for the nibbles (on a shallow copy of the state: the layer is untouched), the absmax
+    un-transposed here, then W = code[nibble] * absmax per block — `dequantize_4bit`'s formula (equal to
+    it bit for bit on an unpacked weight), so the result is the weight up to the bf16 rounding of absmax.
+    """
+    import copy
+
+    import bitsandbytes.functional as bnbF
+
+    qs = w.quant_state
+    data, _ = bnbF._convert_weight_packed_for_cpu_inverse(w.data, copy.copy(qs))
+    flat = data.reshape(-1).view(torch.uint8)
+    nibbles = torch.stack([flat >> 4, flat & 0xF], -1).reshape(-1).long()  # high nibble first, as bnb packs
+    absmax = qs.absmax.T.reshape(-1).float()  # (d_out * d_in / blocksize,), block order of the flat weight
+    return (qs.code.float().to(flat.device)[nibbles].view(-1, qs.blocksize) * absmax[:, None]).view(qs.shape)
 
 
 def set_dense_weight(m: nn.Module, w: torch.Tensor) -> None:
