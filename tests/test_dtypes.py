@@ -1,0 +1,106 @@
+"""Half-precision bases (issue 5, part 3): a tiny Llama in bf16 or fp16, adapters in fp32 or bf16.
+
+For every variant: identity at init, the model's and every target layer's output keep the base's dtype,
+and no base tensor is ever upcast (attach, forward, a training step and detach leave every base
+parameter's dtype and bytes as they were). Adapter gradients arrive in the adapter dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _models import llama_batch, lm_loss, tiny_llama
+
+import lora_lite as ll
+
+VARIANTS = {
+    "lora": dict(r=4, alpha=8.0),
+    "dora": dict(r=4, alpha=8.0),
+    "delora": dict(r=4),
+    "ia3": dict(variant_kwargs={"feedforward_roles": ["writer"]}),
+    "ia3_ff": dict(),
+    "hra": dict(r=4),
+    "eva": dict(r=4, alpha=8.0, variant_kwargs={"show_progress_bar": False}),
+    "pissa": dict(r=4, alpha=8.0),
+    "antipasto": dict(r=4, variant_kwargs={"block_size": 2}),
+}
+ALL_ROLES = ("reader", "writer", "inner")
+_EPS = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-24}
+
+
+def _rtol(variant: str, base: torch.dtype, adapter: torch.dtype) -> float | None:
+    """None: bit-exact identity. Otherwise the rounding the variant's identity argument allows.
+
+    pissa/antipasto store W_res = W - (principal part) in the base dtype: every weight is rounded once more
+    (eps_base relative to |W|, i.e. up to the principal part's size), and the principal part computed in the
+    adapter dtype adds eps_adapter; through 2 blocks that is a few eps_base of the logits' scale.
+    hra's pairs cancel to a few eps of the adapter dtype, and the pre-hook hands x' = Q x back in x's dtype.
+    Pre-hook variants (hra, ia3_ff) also round x through the adapter dtype when it is narrower than the base's
+    (bf16 adapter on an fp16 base: eps_bf16).
+    """
+    eps = max(_EPS[base], _EPS[adapter])
+    if variant in ("pissa", "antipasto"):
+        return 16 * eps
+    if variant == "hra" or (
+        variant in ("ia3", "ia3_ff") and _EPS[adapter] > _EPS[base]
+    ):  # ia3 routes down_proj to ia3_ff
+        return 16 * eps
+    return None
+
+
+def _calib() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [{"input_ids": torch.randint(0, 128, (2, 12), generator=g)} for _ in range(2)]
+
+
+@pytest.mark.parametrize("adapter", [torch.float32, torch.bfloat16], ids=["ad_fp32", "ad_bf16"])
+@pytest.mark.parametrize("base", [torch.bfloat16, torch.float16], ids=["base_bf16", "base_fp16"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_half_precision_base(variant: str, base: torch.dtype, adapter: torch.dtype) -> None:
+    model = tiny_llama().to(base)
+    ids = llama_batch()
+    raw0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        y0 = model(ids).logits
+    assert y0.dtype == base
+    cfg = ll.LoraLiteConfig(variant=variant, dtype=adapter, target_roles=ALL_ROLES, **VARIANTS[variant])
+    names = ll.attach(model, cfg, calibration_data=_calib() if variant == "eva" else None)
+
+    def base_params() -> dict[str, torch.Tensor]:
+        return {n: p for n, p in model.named_parameters() if not n.rsplit(".", 1)[1].startswith("lora_")}
+
+    assert all(p.dtype == base for p in base_params().values())
+    for n, p in model.named_parameters():
+        if n.rsplit(".", 1)[1].startswith("lora_"):
+            assert p.dtype == adapter, n
+    out_dtypes = {}
+    layers = ll.targets(model)
+    for name, layer in layers.items():  # registered after lora-lite's hook: sees what the adapter returns
+        layer.register_forward_hook(lambda m, a, y, name=name: out_dtypes.__setitem__(name, y.dtype))
+    with torch.no_grad():
+        y1 = model(ids).logits
+    assert y1.dtype == base
+    assert out_dtypes == dict.fromkeys(names, base)
+    rtol = _rtol(variant, base, adapter)
+    if rtol is None:
+        assert torch.equal(y1, y0)
+    else:
+        err = (y1.float() - y0.float()).abs().max().item()
+        assert err <= rtol * y0.float().abs().max().item(), f"max abs err {err:.3g}, scale {y0.abs().max().item():.3g}"
+
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        loss = lm_loss(model, ids)  # transformers computes the loss in fp32 from the base-dtype logits
+        assert torch.isfinite(loss)
+        loss.backward()
+        assert all(p.grad is not None and p.grad.dtype == adapter and torch.isfinite(p.grad).all() for p in trainable)
+        opt.step()
+    assert sum(p.grad.float().abs().sum() for p in trainable) > 0
+    assert all(p.dtype == base for p in base_params().values())  # never upcast, not even after a step
+
+    ll.detach(model)
+    for n, p in model.named_parameters():
+        assert p.dtype == raw0[n].dtype and torch.equal(p, raw0[n]), n
