@@ -52,6 +52,7 @@ def test_quick_benchmark_writes_complete_results(tmp_path) -> None:
         assert ours["trainable"] == peft["trainable"], v["variant"]  # same adapter size in both libraries
         assert math.isclose(v["ours_vs_peft_step"], ours["step_s"] / peft["step_s"])
         assert math.isclose(v["ours_vs_peft_peak"], ours["peak_mb"] / peft["peak_mb"])
-    pz = res["pissa_fast_init"]
+    (pz,) = res["pissa_fast_init"]  # --quick: only on the benchmark's own model
     for lib in ("ours", "peft"):
-        assert 0 <= pz[f"{lib}_fast_rel_err"] < 2 and 0 < pz[f"{lib}_fast_energy"] <= 1.0 + 1e-4
+        assert 0 <= pz[f"{lib}_fast_rel_err_median"] <= pz[f"{lib}_fast_rel_err"] < 2
+        assert 0 < pz[f"{lib}_fast_energy"] <= pz[f"{lib}_fast_energy_median"] <= 1.0 + 1e-4
