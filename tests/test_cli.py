@@ -122,14 +122,13 @@ def test_resume_equals_one_straight_run(model_dir, text_file, tmp_path) -> None:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
 
 
-def test_eval_reports_base_and_adapted(trained, model_dir, text_file, capsys) -> None:
+def test_eval_reports_base_and_adapted(trained, model_dir, text_file, tmp_path, capsys) -> None:
+    words = text_file.read_text().split()
+    data = tmp_path / "eval.jsonl"  # the JSONL path: one record per 40 words, text under "body"
+    data.write_text("\n".join(json.dumps({"id": i, "body": " ".join(words[i : i + 40])}) for i in range(0, 800, 40)))
     capsys.readouterr()
-    assert (
-        main(
-            ["eval", "--model", str(model_dir), "--adapter", str(trained), "--data", str(text_file), "--seq-len", "16"]
-        )
-        == 0
-    )
+    argv = ["eval", "--model", str(model_dir), "--adapter", str(trained), "--data", str(data), "--text-field", "body"]
+    assert main([*argv, "--seq-len", "16"]) == 0
     out = capsys.readouterr().out
     rows = {
         line.split()[0]: [float(v) for v in line.split()[1:]]
@@ -141,6 +140,12 @@ def test_eval_reports_base_and_adapted(trained, model_dir, text_file, capsys) ->
     assert math.isclose(base_ppl, math.exp(base_loss), rel_tol=1e-3) and math.isclose(
         ad_ppl, math.exp(ad_loss), rel_tol=1e-3
     )
+
+
+def _jsonl(tmp: Path) -> Path:
+    p = tmp / "data.jsonl"
+    p.write_text(json.dumps({"content": "the cat sat"}) + "\n")
+    return p
 
 
 def _bad_cases(model_dir: Path, data: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
@@ -155,6 +160,7 @@ def _bad_cases(model_dir: Path, data: Path, tmp: Path) -> dict[str, tuple[list[s
         "nothing to resume": (["train", *ok, "--resume"], "holds no run to resume"),
         "steps < 1": (["train", *ok[:-1], "0"], "--steps must be >= 1"),
         "seq-len > positions": (["train", *ok, "--seq-len", "65"], "the model's 64 positions"),
+        "jsonl without the field": (["train", *ok[:2], "--data", str(_jsonl(tmp)), *ok[4:]], "no string field 'text'"),
         "missing adapter": (["eval", *ok[:4], "--adapter", str(tmp / "none")], "no adapter file"),
         "no matching target": (["train", *ok, "--target-names", "nothing_like_this"], "no module matched"),
     }
@@ -173,6 +179,7 @@ def _bad_cases(model_dir: Path, data: Path, tmp: Path) -> dict[str, tuple[list[s
         "steps < 1",
         "seq-len > positions",
         "missing adapter",
+        "jsonl without the field",
         "no matching target",
     ],
 )

@@ -166,7 +166,7 @@ def load_causal_lm(ref: str, device: torch.device):
 
 
 def read_texts(path: str, text_field: str) -> list[str]:
-    """Documents of a data file: one per JSONL record (`.jsonl`/`.json` lines), or the whole text file."""
+    """Documents of a data file: one per record of a `.jsonl`/`.ndjson` file, else the whole file as text."""
     p = Path(path)
     _need(p.is_file(), f"--data {path!r}: no such file")
     if p.suffix.lower() in (".jsonl", ".ndjson"):

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-pairs", type=int, default=256, help="held-out query/key pairs (default: 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="lora_lite_demo.png", help="loss-curve PNG (default: ./lora_lite_demo.png)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results and loss curves as JSON")
 
 
 def minilm_dir() -> Path:
@@ -159,7 +161,13 @@ def run_variant(base, name: str, data: Data, args: argparse.Namespace, before: f
     return Result(name, sum(p.numel() for p in params), before, after, 1000 * statistics.median(times), losses)
 
 
-def table(results: list[Result], data: Data) -> str:
+def _data_info(data: Data) -> dict[str, int]:
+    return {"held": len(data.held), "n_held_sections": data.n_held_sections}
+
+
+def table(results: list[Result], data: Data | dict[str, int]) -> str:
+    """The printed table; `data` may be a Data or the dict of `--json` (to merge runs split by --variant)."""
+    info = data if isinstance(data, dict) else _data_info(data)
     head = f"{'variant':<10} {'trainable':>10} {'top-1 before':>13} {'top-1 after':>12} {'step ms':>8}"
     lines = [head, "-" * len(head)]
     for r in results:
@@ -168,7 +176,7 @@ def table(results: list[Result], data: Data) -> str:
         else:
             lines.append(f"{r.variant:<10} {r.params:>10,} {r.before:>13.3f} {r.after:>12.3f} {r.step_ms:>8.0f}")
     lines.append(
-        f"held-out: {len(data.held)} pairs from {data.n_held_sections} unseen sections (chance {1 / len(data.held):.3f})"
+        f"held-out: {info['held']} pairs from {info['n_held_sections']} unseen sections (chance {1 / info['held']:.3f})"
     )
     return "\n".join(lines)
 
@@ -180,14 +188,17 @@ def plot(results: list[Result], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for r in results:
-        if r.losses:
-            ax.plot(range(1, len(r.losses) + 1), r.losses, label=f"{r.variant} ({r.before:.2f}→{r.after:.2f})")
+    for i, r in enumerate(results):
+        if r.losses:  # raw (faint) and a running mean over 5 steps: every variant sees the same batches
+            steps, color = range(1, len(r.losses) + 1), f"C{i % 10}"
+            smooth = [statistics.fmean(r.losses[max(0, j - 4) : j + 1]) for j in range(len(r.losses))]
+            ax.plot(steps, r.losses, color=color, alpha=0.2, lw=0.8)
+            ax.plot(steps, smooth, color=color, label=f"{r.variant} ({r.before:.3f} → {r.after:.3f})")
     ax.set_xlabel("step")
-    ax.set_ylabel("training InfoNCE loss")
+    ax.set_ylabel("training InfoNCE loss (faint: per step)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, title="variant (held-out top-1)", title_fontsize=7)
+    ax.legend(fontsize=7, title="variant (held-out top-1); lines: 5-step mean", title_fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -239,5 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
     print()
     print(table(results, data))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"data": _data_info(data), "results": [asdict(r) for r in results]}))
     print(f"\nloss curves: {out.resolve()}   (total {time.perf_counter() - t0:.0f} s)")
     return 0
