@@ -187,7 +187,7 @@ def plot(results: list[Result], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.5, 4.2), dpi=110)
     for i, r in enumerate(results):
         if r.losses:  # raw (faint) and a running mean over 5 steps: every variant sees the same batches
             steps, color = range(1, len(r.losses) + 1), f"C{i % 10}"
@@ -198,7 +198,13 @@ def plot(results: list[Result], path: Path, title: str) -> None:
     ax.set_ylabel("training InfoNCE loss (faint: per step)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, title="variant (held-out top-1); lines: 5-step mean", title_fontsize=7)
+    ax.legend(
+        fontsize=7,
+        title="variant (held-out top-1)\nlines: 5-step mean",
+        title_fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
