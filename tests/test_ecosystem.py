@@ -1,0 +1,164 @@
+"""lora-lite inside the usual training stack (issue 5, part 4): gradient checkpointing, transformers.Trainer,
+torch.compile. All on the tiny Llama, CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from _models import llama_batch, lm_loss, tiny_llama
+
+import lora_lite as ll
+
+ALL_ROLES = ("reader", "writer", "inner")
+CFGS = {
+    "lora": dict(r=4, alpha=8.0),
+    "lora_dropout": dict(r=4, alpha=8.0, dropout=0.1),
+    "dora": dict(r=4, alpha=8.0),
+    "delora": dict(r=4),
+    "hra": dict(r=4),  # a pre-hook variant
+    "ia3": dict(variant_kwargs={"feedforward_roles": ["writer"]}),  # output gates + an input gate (pre-hook)
+    "pissa": dict(r=4, alpha=8.0),
+    "antipasto": dict(r=4, variant_kwargs={"block_size": 2}),
+    "eva": dict(r=4, alpha=8.0, variant_kwargs={"show_progress_bar": False}),
+}
+
+
+def _cfg(key: str) -> ll.LoraLiteConfig:
+    return ll.LoraLiteConfig(variant=key.removesuffix("_dropout"), target_roles=ALL_ROLES, **CFGS[key])
+
+
+def _attached(key: str, seed: int = 4):
+    model = tiny_llama()
+    torch.manual_seed(seed)  # the same kaiming draws for every copy
+    calib = [{"input_ids": llama_batch(seed=9 + i)} for i in range(2)] if key == "eva" else None
+    ll.attach(model, _cfg(key), calibration_data=calib)
+    _perturb(model)
+    return model
+
+
+def _perturb(model) -> None:
+    """Move every trainable tensor off its init (B = 0 would hide half of the adapter's math)."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _grads(model, ids, seed: int = 0) -> dict[str, torch.Tensor]:
+    model.train()
+    torch.manual_seed(seed)  # the adapter dropout's draws
+    lm_loss(model, ids).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("key", ["lora", "lora_dropout", "dora", "hra", "ia3"])
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(key: str, reentrant: bool) -> None:
+    ids = llama_batch()
+    ref = _grads(_attached(key), ids)
+    model = _attached(key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5: renamed activation_checkpointing_enable
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert model.is_gradient_checkpointing
+    calls = []
+    layer0 = model.model.layers[0].mlp.up_proj
+    layer0.register_forward_hook(lambda *a: calls.append(1))
+    got = _grads(model, ids)
+    assert len(calls) == 2  # the block really ran twice: forward, then recomputed in backward
+    assert got.keys() == ref.keys()
+    for n in ref:
+        # the recomputation repeats the same ops (dropout draws replayed from the saved RNG state)
+        assert torch.allclose(got[n], ref[n], rtol=1e-5, atol=1e-7), n
+        assert got[n].abs().sum() > 0, n
+
+
+# ---------------------------------------------------------------- transformers.Trainer
+
+
+def test_trainer_trains_an_attached_model_then_save_and_load(tmp_path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_llama()
+    ll.attach(model, ll.LoraLiteConfig(variant="dora", r=4, alpha=8.0))
+    base0 = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapter0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (8, 12), generator=g)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 8 and losses[-1] < losses[0], losses
+    assert all(torch.equal(p, base0[n]) for n, p in model.named_parameters() if n in base0)  # base untouched
+    assert all(not torch.equal(p, adapter0[n]) for n, p in model.named_parameters() if n in adapter0)
+    assert ll.is_attached(model)
+
+    model.eval()
+    ids = llama_batch()
+    with torch.no_grad():
+        y = model(ids).logits
+    path = ll.save(model, tmp_path / "adapter.safetensors")
+    fresh = tiny_llama()
+    ll.load(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, y)
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def _compile_matches_eager(key: str, backend: str) -> None:
+    torch._dynamo.reset()
+    ids = llama_batch()
+    model = _attached(key)
+    model.eval()
+    with torch.no_grad():
+        y_eager = model(ids).logits
+    ref = _grads(model, ids)
+    model.zero_grad()
+    compiled = torch.compile(model, backend=backend)
+    compiled.eval()
+    with torch.no_grad():
+        y = compiled(ids).logits
+    # aot_eager runs the same ATen ops: equal to eager up to op reordering; inductor fuses and may reorder
+    # reductions: fp32 rounding of a few ulps of the logits' scale
+    assert (y - y_eager).abs().max() <= 1e-5 * y_eager.abs().max()
+    got = {k.removeprefix("_orig_mod."): v for k, v in _grads(compiled, ids).items()}
+    assert got.keys() == ref.keys()
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], rtol=1e-4, atol=1e-6), n
+
+
+@pytest.mark.parametrize("key", ["lora", "dora"])
+def test_compile_aot_eager_equals_eager(key: str) -> None:
+    _compile_matches_eager(key, "aot_eager")
+
+
+@pytest.mark.slow  # CPU inductor compiles C++ with gcc: ~1 min per model on 2 cores
+@pytest.mark.parametrize("key", ["lora", "dora"])
+def test_compile_inductor_equals_eager(key: str) -> None:
+    _compile_matches_eager(key, "inductor")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["delora", "hra", "ia3", "pissa", "antipasto", "eva"])
+def test_compile_aot_eager_other_variants(key: str) -> None:
+    _compile_matches_eager(key, "aot_eager")
