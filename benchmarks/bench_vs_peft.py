@@ -201,6 +201,7 @@ class Arm:
     opt: torch.optim.Optimizer | None
     init_s: float
     trainable: int
+    capped: bool = False  # peft eva: calibration stopped at EVA_CAP_S without converging
     times: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
 
@@ -220,6 +221,7 @@ def _mark_outputs(model: torch.nn.Module) -> None:
 def build(label: str, case: Case | None, template: torch.nn.Module, size: Size, calib) -> Arm:
     """Copy the base, attach the adapter (timed), make the optimizer."""
     model = copy.deepcopy(template).train()
+    capped = False
     t0 = time.perf_counter()
     if label == "base":
         for p in model.parameters():
@@ -232,13 +234,50 @@ def build(label: str, case: Case | None, template: torch.nn.Module, size: Size, 
 
         model = get_peft_model(model, case.peft(size))
         if case.calib:
-            from peft import initialize_lora_eva_weights
-
-            initialize_lora_eva_weights(model, calib, show_progress_bar=False)
+            capped = _peft_eva_capped(model, calib, EVA_CAP_S)
     init_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    return Arm(label, case.name if case else "-", model, opt, init_s, sum(p.numel() for p in params))
+    return Arm(label, case.name if case else "-", model, opt, init_s, sum(p.numel() for p in params), capped)
+
+
+EVA_CAP_S = 60.0
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _peft_eva_capped(model: torch.nn.Module, calib, cap_s: float) -> bool:
+    """peft's `initialize_lora_eva_weights`, stopped after `cap_s` seconds; True if it was stopped.
+
+    peft cycles over the calibration batches until every layer's top-r components are stable (cosine
+    similarity > tau = 0.99 between steps). Random tokens through a randomly initialised model give a
+    nearly flat spectrum, where that can take many minutes; we stop it there, remove its SVD hooks, and
+    train the adapter as it is (A kaiming, B = 0: the same shapes and forward as a converged one).
+    """
+    import signal
+
+    from peft import initialize_lora_eva_weights
+
+    def alarm(*_):
+        raise _Timeout
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, cap_s)
+    try:
+        initialize_lora_eva_weights(model, calib, show_progress_bar=False)
+        return False
+    except _Timeout:
+        for m in model.modules():  # the interrupted run's SVD / hash hooks
+            for k, h in list(m._forward_hooks.items()):
+                if type(h).__module__.startswith("peft.tuners.lora.eva"):
+                    del m._forward_hooks[k]
+        model.train()
+        return True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def step(arm: Arm, ids: torch.Tensor) -> None:
@@ -420,7 +459,7 @@ def _run(
         print(f"round {rnd + 1}/{warmup + rounds} done ({time.perf_counter() - t_start:.0f}s)", file=sys.stderr)
 
     # memory pass after timing, one model at a time, only that model alive besides the template
-    keep = [(a.label, a.variant, a.init_s, a.trainable, a.times, a.cpu) for a in arms]
+    keep = [(a.label, a.variant, a.init_s, a.trainable, a.times, a.cpu, a.capped) for a in arms]
     arms.clear()
     gc.collect()
     peaks = {}
@@ -428,12 +467,13 @@ def _run(
         peaks[(label, case.name if case else "-")] = peak_memory(label, case, template, size, calib, ids)
 
     rows = {}
-    for label, variant, init_s, trainable, times, cpu in keep:
+    for label, variant, init_s, trainable, times, cpu, capped in keep:
         rows[(label, variant)] = dict(
             step_s=statistics.median(times),
             step_s_all=times,
             cpu_s=statistics.median(cpu),
             init_s=init_s,
+            init_capped=capped,
             trainable=trainable,
             peak_mb=peaks[(label, variant)][0] / 2**20,
             init_peak_mb=peaks[(label, variant)][1] / 2**20,
@@ -447,7 +487,8 @@ def _run(
             if row is None:
                 r[lib] = None
                 continue
-            r[lib] = {k: row[k] for k in ("step_s", "cpu_s", "init_s", "trainable", "peak_mb", "init_peak_mb")}
+            keys = ("step_s", "cpu_s", "init_s", "init_capped", "trainable", "peak_mb", "init_peak_mb")
+            r[lib] = {k: row[k] for k in keys}
             r[lib]["step_vs_base"] = row["step_s"] / base["step_s"]
             r[lib]["cpu_vs_base"] = row["cpu_s"] / base["cpu_s"]
             r[lib]["extra_mb_vs_base"] = row["peak_mb"] - base["peak_mb"]
@@ -534,10 +575,11 @@ def markdown(res: dict[str, Any]) -> str:
         f"Frozen base: {b['step_s'] * 1000:.1f} ms/step, peak {b['peak_mb']:.1f} MiB.",
         "",
         "| variant | ours ms/step | peft ms/step | ours / base | peft / base | ours / peft "
-        "| peak MiB ours (+ over base) | peak MiB peft (+ over base) | trainable ours | trainable peft "
-        "| init s ours | init s peft |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU ours / base | CPU peft / base | peak MiB ours (+ over base) | peak MiB peft (+ over base) "
+        "| trainable ours / peft | init s ours | init s peft |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    capped = []
     for r in res["variants"]:
         o, p = r["ours"] or {}, r["peft"] or {}
 
@@ -547,13 +589,26 @@ def markdown(res: dict[str, Any]) -> str:
         def mem(d):
             return "—" if not d else f"{d['peak_mb']:.1f} (+{d['extra_mb_vs_base']:.1f})"
 
+        def init(d, name=r["variant"]):
+            if d.get("init_capped"):
+                capped.append(name)
+                return f"> {d['init_s']:.0f} (stopped)"
+            return g(d, "init_s", ".3f")
+
         lines.append(
             f"| {r['variant']} | {g(o, 'step_s', '.1f', 1000)} | {g(p, 'step_s', '.1f', 1000)} "
             f"| {g(o, 'step_vs_base', '.3f')} | {g(p, 'step_vs_base', '.3f')} "
-            f"| {_fmt(r.get('ours_vs_peft_step'), '.3f')} | {mem(o)} | {mem(p)} "
-            f"| {g(o, 'trainable', ',d')} | {g(p, 'trainable', ',d')} | {g(o, 'init_s', '.3f')} "
-            f"| {g(p, 'init_s', '.3f')} |"
+            f"| {_fmt(r.get('ours_vs_peft_step'), '.3f')} | {g(o, 'cpu_vs_base', '.3f')} | {g(p, 'cpu_vs_base', '.3f')} "
+            f"| {mem(o)} | {mem(p)} | {g(o, 'trainable', ',d')} / {g(p, 'trainable', ',d')} "
+            f"| {init(o)} | {init(p)} |"
         )
+    if capped:
+        lines += [
+            "",
+            f"Stopped: peft's EVA calibration ({', '.join(capped)}) cycles over the batches until every layer's "
+            "components are stable; on random tokens through a random model it had not converged when we stopped "
+            "it, and that adapter was trained as it was (same shapes and forward).",
+        ]
     for pz in res.get("pissa_fast_init") or []:
         lines += [
             "",
@@ -617,6 +672,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--eva-cap", type=float, default=None, help="stop peft's EVA calibration after this many s")
     ap.add_argument(
         "--minilm",
         action=argparse.BooleanOptionalAction,
@@ -636,6 +692,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     stem = "bench_vs_peft_quick" if a.quick else "bench_vs_peft"
 
+    global EVA_CAP_S
+    EVA_CAP_S = a.eva_cap or (15.0 if a.quick else 60.0)
     minilm = a.minilm if a.minilm is not None else not a.quick
     res = run(size, variants, rounds, warmup, threads, minilm=minilm)
     md = markdown(res)
