@@ -276,3 +276,23 @@ def test_quantized_tiny_llama_trains() -> None:
         opt.step()
         losses.append(loss.item())
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] * 0.97, losses
+
+
+def test_turning_off_cpu_repacking_keeps_gradients_flowing() -> None:
+    """The README's workaround: with support_avx512bf16_for_cpu = False an eval no-grad pass leaves the 4-bit
+    layers trainable-through, so the first block's adapters still get gradients afterwards."""
+    model = qtoy("nf4")
+    if not _packs(model.layers[0]["q"]):
+        pytest.skip("this CPU/bitsandbytes does not repack 4-bit weights")
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    _attach(model, "lora")
+    model.eval()
+    with torch.no_grad():
+        model(_x())  # would repack every 4-bit layer without the workaround
+    layers = [b[k] for b in model.layers for k in ("q", "up", "down")]
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    model.train()
+    _loss(model, _x()).backward()
+    assert model.layers[0]["q"].lora_B.grad.abs().sum() > 0
