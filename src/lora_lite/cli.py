@@ -304,6 +304,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         _need(adapter_path.is_file() and state_path.is_file(), f"--resume: {str(out)!r} holds no run to resume")
         prev = json.loads(state_path.read_text())
         cfg = ll.read_adapter(adapter_path)[0]
+        changed = [
+            k
+            for k in ("model", "data", "text_field", "seq_len", "batch_size", "holdout", "seed")
+            if k in prev.get("args", {}) and prev["args"][k] != getattr(args, k)
+        ]
+        if changed:  # the held-out split and the batch order are derived from these
+            print(
+                f"lora-lite: warning: --resume with different {', '.join(changed)} than the saved run: "
+                "the held-out split and batch order change",
+                file=sys.stderr,
+            )
         _need(
             args.steps > prev["step"],
             f"--resume: {str(out)!r} is already at step {prev['step']}; pass --steps > {prev['step']}",
