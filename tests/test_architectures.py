@@ -149,11 +149,12 @@ VARIANTS = {
 }
 
 
-# MiniLM is a real 22M-parameter model: the variant matrix adapts its first and last blocks only (4 targets of
-# 384 -> 1536 and 1536 -> 384), and the SVD/PCA-initialised variants run there under -m slow (a d_in = 1536
-# eigh/SVD per target costs seconds on 2 busy cores). The default roles on all 6 blocks: test_default_roles_*.
+# MiniLM is a real 22M-parameter model (3-10 s per case on 2 busy cores): the variant matrix adapts its first and
+# last blocks only (4 targets of 384 -> 1536 and 1536 -> 384), and the default run keeps lora (output hook),
+# dora (reads the weight) and ia3 (gates, routed pre-hook); the other variants on MiniLM run under -m slow
+# (they run on the six tiny architectures by default). The default roles on all 6 blocks: test_default_roles_*.
 MINILM_LAYERS = (0, 5)
-MINILM_SLOW = {"pissa", "antipasto", "eva"}
+MINILM_SLOW = {"pissa", "antipasto", "eva", "delora", "hra", "ia3_ff"}
 
 
 def _attach(model, arch: str, variant: str) -> list[str]:

@@ -64,9 +64,9 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(key: str, reent
     ref = _grads(_attached(key), ids)
     model = _attached(key)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers 5: renamed activation_checkpointing_enable
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5: renamed activation_checkpointing_*
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    assert model.is_gradient_checkpointing
+        assert model.is_gradient_checkpointing
     calls = []
     layer0 = model.model.layers[0].mlp.up_proj
     layer0.register_forward_hook(lambda *a: calls.append(1))
