@@ -296,3 +296,16 @@ def test_turning_off_cpu_repacking_keeps_gradients_flowing() -> None:
     model.train()
     _loss(model, _x()).backward()
     assert model.layers[0]["q"].lora_B.grad.abs().sum() > 0
+
+
+def test_summary_counts_4bit_weights_unpacked() -> None:
+    model = qtoy("nf4")
+    _attach(model, "lora")
+    fp32 = QToy()  # same shapes, unquantized
+    total = sum(p.numel() for p in fp32.parameters()) + sum(
+        p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[1].startswith("lora_")
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    text = ll.summary(model)
+    assert f"trainable params: {trainable:,} of {total:,}" in text
+    assert text.count("Linear4bit uint8") == 6
