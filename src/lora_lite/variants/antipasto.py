@@ -60,7 +60,7 @@ from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
 from ..target import dense_weight, set_dense_weight
-from ..variant import ParamSpec, Variant, register
+from ..variant import ParamSpec, Variant, add_lowrank, register
 from .pissa import top_r_svd
 
 _KWARGS = ("block_size", "max_angle")
@@ -170,8 +170,8 @@ class AntiPaSTO(Variant):
         R = rotation_blocks(rot_T, bs, max_angle(st.cfg), c, consts).to(x.dtype)  # once per call, tiny
         Vh = layer.lora_Vh
         Vh_rot = (R @ Vh.view(-1, bs, Vh.shape[1])).view_as(Vh)  # blockdiag(R) Vh, O(r·bs·d_in)
-        delta = F.linear(F.linear(x, Vh_rot) * (layer.lora_S + c * layer.lora_delta_s), layer.lora_U)
-        return y + delta.to(y.dtype)
+        h = F.linear(x, Vh_rot) * (layer.lora_S + c * layer.lora_delta_s)  # (x Vh_rotᵀ) ⊙ (S + c·δs)
+        return add_lowrank(y, h, layer.lora_U)  # y + h Uᵀ, one fused addmm
 
     @staticmethod
     def scaled_forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:

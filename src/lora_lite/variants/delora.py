@@ -41,7 +41,7 @@ from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
 from ..target import dense_weight
-from ..variant import ParamSpec, Variant, dropout, register
+from ..variant import ParamSpec, Variant, add_lowrank, dropout, register
 
 
 def _lambda(cfg: LoraLiteConfig) -> float:
@@ -88,7 +88,7 @@ class DeLoRA(Variant):
         An = torch.clamp(A.norm(dim=1), min=1e-4)
         Bn = torch.clamp(B.norm(dim=0), min=1e-4)
         h = F.linear(dropout(layer, x) * layer.lora_wnorm, A) * ((layer.lora_lambda / r) / (An * Bn))
-        return y + F.linear(h, B).to(y.dtype)
+        return add_lowrank(y, h, B)  # y + h Bᵀ, one fused addmm
 
     @staticmethod
     def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

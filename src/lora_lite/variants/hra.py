@@ -79,7 +79,8 @@ def householder_product(U: torch.Tensor, x: torch.Tensor, apply_GS: bool = False
     eye = torch.eye(U.shape[0], device=U.device, dtype=U.dtype)
     M = (torch.triu(Y @ Y.T, 1) + 0.5 * eye).to(torch.promote_types(U.dtype, torch.float32))  # no bf16 solve on CPU
     T = torch.linalg.solve_triangular(M, eye.to(M.dtype), upper=True).to(U.dtype)
-    return x - ((x @ Y.T) @ T.T) @ Y
+    P = (x @ Y.T) @ T.T  # (…, r)
+    return torch.addmm(x.reshape(-1, x.shape[-1]), P.reshape(-1, P.shape[-1]), Y, alpha=-1).view(x.shape)  # x − P Y
 
 
 @register
