@@ -643,8 +643,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
     x = range(len(names))
     w = 0.4
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 3.6))
-    ax.bar([i - w / 2 for i in x], ours, w, label="lora-lite", color="#2a7ab9")
-    ax.bar([i + w / 2 for i in x], pf, w, label="peft", color="#d98c3a")
+    for bars in (
+        ax.bar([i - w / 2 for i in x], ours, w, label="lora-lite", color="#2a7ab9"),
+        ax.bar([i + w / 2 for i in x], pf, w, label="peft", color="#d98c3a"),
+    ):
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(1.10, color="gray", lw=0.8, ls="--", label="1.10x target")
     ax.set_xticks(list(x), names)
@@ -696,6 +699,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     EVA_CAP_S = a.eva_cap or (15.0 if a.quick else 60.0)
     minilm = a.minilm if a.minilm is not None else not a.quick
     res = run(size, variants, rounds, warmup, threads, minilm=minilm)
+    res["command"] = " ".join(["python benchmarks/bench_vs_peft.py", *(sys.argv[1:] if argv is None else argv)])
     md = markdown(res)
     print(md)
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
