@@ -90,18 +90,9 @@ def test_input_dtype_differs_from_adapter_dtype(variant, base_dtype, dtype) -> N
     assert err <= 32 * _eps(base_dtype, dtype), f"rel err {err:.3g}"
 
 
-DOUBLE_BROKEN = {
-    # dora caches ‖W‖²_row at attach (fp32) and only moves the cache on a device change, not a dtype change:
-    # after model.double() the norm mixes the fp32 cache into fp64 math, so a fresh fp64 load differs by fp32
-    # rounding. Fix (dora.py `_w_sq`): recompute when w_sq.dtype != _norm_dtype(layer). Reported to the owner.
-    "dora": "dora's cached weight norm does not follow model.double()",
-}
+DOUBLE_BROKEN: dict[str, str] = {}  # dora's cached norm now follows dtype casts
 
-HALF_BROKEN = {
-    # delora's rank-r scale is λ/r/(‖A_i‖·‖B_i‖) with ‖B_i‖ clamped at 1e-4 at init: ~1e5 > fp16 max (inf·0 = NaN).
-    # Its validate() refuses dtype=float16, but model.half() after attach bypasses that; reported to the owner.
-    "delora": "delora computes its scale in the adapter dtype; overflows in float16",
-}
+HALF_BROKEN: dict[str, str] = {}  # delora computes in >= fp32 after model.half()
 
 
 def _marked(broken: dict[str, str]) -> list:

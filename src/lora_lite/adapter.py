@@ -150,7 +150,10 @@ def _plan(model: nn.Module, cfg: LoraLiteConfig) -> list[_Target]:
                 "Load the base unquantized, or use lora/dora/eva on the quantized base."
             )
         d_in, d_out = dims(layer)
-        specs = variant.param_specs(d_in, d_out, cfg)
+        try:
+            specs = variant.param_specs(d_in, d_out, cfg)
+        except ConfigError as e:  # shape-dependent refusals: say which layer
+            raise ConfigError(f"{name} ({d_in}->{d_out}): {e}") from None
         for pname in specs:
             if not pname.startswith("lora_"):
                 raise ConfigError(f"variant {variant.name!r}: tensor name {pname!r} must start with 'lora_'")

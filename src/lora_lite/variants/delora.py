@@ -23,7 +23,8 @@ with all tensors live from step 1 at the cost of a frozen copy of A, B. peft (an
 
 Checked against peft 0.21.2 `peft/tuners/delora/layer.py`: `_compute_delta` 63-73, `update_layer`
 88-126, `reset_delora_parameters` 128-154, `DeloraLinear.forward` 226-267 (same op order:
-`(lambda / r) / (An * Bn)` at 255). Deviations: float16 adapters raise (see `validate`; peft silently produces NaN); λ is a 0-d tensor (peft: shape (1,)); wnorm is
+`(lambda / r) / (An * Bn)` at 255). Deviations: the adapter math runs in at least fp32, so float16 adapters work (peft computes in
+float16 and silently produces NaN: at init 1/‖B_i‖ is clamped at 1e4, and λ/r·1e4·… overflows); λ is a 0-d tensor (peft: shape (1,)); wnorm is
 kept in `cfg.dtype` (peft: the base weight's dtype); Conv1D and quantized bases are accepted
 (peft: nn.Linear only).
 
@@ -61,12 +62,6 @@ class DeLoRA(Variant):
                 f"delora: variant_kwargs['delora_lambda'] must be a finite non-zero number, got {lam!r} "
                 "(λ = 0 zeroes the gradients of A and B forever; peft's default is 15)"
             )
-        if cfg.dtype == torch.float16:
-            raise ConfigError(
-                "delora: dtype=float16 is not supported: at init ‖B_i‖ = 0 is clamped to 1e-4, so the rank-r "
-                "scaling λ/r/(‖A_i‖·1e-4) is ~1e5, past float16's max 65504 (inf · 0 = NaN). "
-                "Use dtype=torch.bfloat16 (same memory, float32 range) or torch.float32."
-            )
 
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
@@ -84,10 +79,14 @@ class DeLoRA(Variant):
 
     @staticmethod
     def forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        A, B, r = layer.lora_A, layer.lora_B, layer._lora_lite.cfg.r
+        # At least fp32: 1/‖B_i‖ reaches 1e4 at init, past float16's range after model.half() (no-op for fp32).
+        dt = torch.promote_types(layer.lora_A.dtype, torch.float32)
+        A, B, r = layer.lora_A.to(dt), layer.lora_B.to(dt), layer._lora_lite.cfg.r
         An = torch.clamp(A.norm(dim=1), min=1e-4)
         Bn = torch.clamp(B.norm(dim=0), min=1e-4)
-        h = F.linear(dropout(layer, x) * layer.lora_wnorm, A) * ((layer.lora_lambda / r) / (An * Bn))
+        h = F.linear(dropout(layer, x.to(dt)) * layer.lora_wnorm.to(dt), A) * (
+            (layer.lora_lambda.to(dt) / r) / (An * Bn)
+        )
         return add_lowrank(y, h, B)  # y + h Bᵀ, one fused addmm
 
     @staticmethod

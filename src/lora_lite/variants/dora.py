@@ -80,10 +80,10 @@ def _norm_dtype(layer: nn.Module) -> torch.dtype:
 
 
 def _w_sq(layer: nn.Module) -> torch.Tensor:
-    """Cached ‖W‖²_row ((d_out,), `_norm_dtype`), moved along if the model moved device."""
+    """Cached ‖W‖²_row ((d_out,), `_norm_dtype`), following device moves and dtype casts of the model."""
     cache, ref = layer._lora_lite.cache, layer.lora_A
     w_sq = cache.get("w_sq")
-    if w_sq is None:
+    if w_sq is None or w_sq.dtype != _norm_dtype(layer):  # first call, or model.double()/.float() since
         W = dense_weight(layer, _norm_dtype(layer))
         w_sq = cache["w_sq"] = (W * W).sum(1)
     elif w_sq.device != ref.device:

@@ -18,8 +18,10 @@ d_in=512, r=8): WY 2.9 ms forward / 6.1 ms forward+backward, r sequential rank-1
 
 apply_GS (variant_kwargs, default False, peft's `apply_GS`): modified Gram-Schmidt on u_1 … u_r in
 order (exactly peft's loop) gives orthonormal q_i and Q = I − 2 Σ q_i q_iᵀ, applied as
-x' = x − 2 (x Qᵣᵀ) Qᵣ. Caveat, as in peft: this is NOT identity at init (reflections in orthonormal
-directions never cancel, and GS of two identical vectors normalises rounding noise).
+x' = x − 2 (x Qᵣᵀ) Qᵣ. This is NOT identity at init (reflections in orthonormal directions never
+cancel). Deviation from peft: with apply_GS we init U randomly (peft's `reset_hra_parameters_random`),
+not symmetrically: GS of two identical vectors is 0/0, which peft turns into normalised rounding
+noise or NaN depending on rounding order.
 
 Init (peft `reset_hra_parameters`, hra/layer.py:107-115): kaiming-uniform(a=√5) on a (d_in, r/2)
 tensor (so the bound is 1/√(r/2), same RNG draws as peft), each vector repeated in two adjacent
@@ -57,6 +59,13 @@ def symmetric_init(t: torch.Tensor) -> None:
     half = torch.zeros(d_in, r // 2, device=t.device, dtype=t.dtype)
     nn.init.kaiming_uniform_(half, a=math.sqrt(5))
     t.copy_(torch.repeat_interleave(half, 2, dim=1).T)
+
+
+def random_init(t: torch.Tensor) -> None:
+    """peft's `reset_hra_parameters_random` on lora_U (r, d_in): kaiming on the (d_in, r) layout, used with apply_GS."""
+    u = torch.empty(t.shape[1], t.shape[0], device=t.device, dtype=t.dtype)
+    nn.init.kaiming_uniform_(u, a=math.sqrt(5))
+    t.copy_(u.T)
 
 
 def gram_schmidt(U: torch.Tensor) -> torch.Tensor:
@@ -106,7 +115,13 @@ class HRA(Variant):
 
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
-        return {"lora_U": ParamSpec((cfg.r, d_in), init=symmetric_init)}
+        gs = cfg.variant_kwargs.get("apply_GS", False)
+        if gs and cfg.r > d_in:
+            raise ConfigError(
+                f"hra: apply_GS needs r <= d_in (Gram-Schmidt cannot make {cfg.r} orthonormal vectors in "
+                f"{d_in} dimensions). Use r <= {d_in}, or apply_GS=False."
+            )
+        return {"lora_U": ParamSpec((cfg.r, d_in), init=random_init if gs else symmetric_init)}
 
     @staticmethod
     def forward_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
