@@ -150,3 +150,33 @@ def test_merge_refuses_inside_disabled_or_scaled() -> None:
     with ll.scaled(model, 0.5), pytest.raises(ll.AdapterError, match="inside ll.disabled or ll.scaled"):
         ll.merged_state_dict(model)
     assert ll.is_attached(model)
+
+
+@pytest.mark.parametrize("variant", ["lora", "pissa"])
+def test_cli_merge(variant: str, tmp_path) -> None:
+    """`lora-lite merge --model DIR --adapter FILE --out DIR`: a plain saved model with the adapter's outputs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from lora_lite.cli import main
+
+    base_dir, out = tmp_path / "base", tmp_path / "merged"
+    tk = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(base_dir)
+    tiny_llama().save_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    ll.attach(model, ll.LoraLiteConfig(variant=variant, r=4, alpha=8.0))
+    perturb(model)
+    ll.save(model, tmp_path / "adapter.safetensors")
+    x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x).logits
+    argv = ["merge", "--model", str(base_dir), "--adapter", str(tmp_path / "adapter.safetensors"), "--out", str(out)]
+    assert main([*argv, "--device", "cpu"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not [k for k in merged.state_dict() if "lora_" in k]
+    with torch.no_grad():
+        assert rel(merged(x).logits, want) <= RTOL
+    assert (out / "tokenizer.json").is_file()
+    assert main([*argv, "--device", "cpu"]) == 2  # --out is not empty: refused, nothing overwritten

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--version", action="version", version=f"lora-lite {ll.__version__}")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
-    sub = ap.add_subparsers(dest="command", metavar="{train,eval,demo}")
+    sub = ap.add_subparsers(dest="command", metavar="{train,eval,merge,demo}")
     sub.required = True
 
     t = sub.add_parser("train", help="fine-tune an adapter on a text/JSONL file (AdamW), save it to --out")
@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e)
     e.add_argument("--max-batches", type=int, default=0, help="evaluate at most N batches (default: all)")
     e.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+    mg = sub.add_parser("merge", help="fold an adapter into the base weights, save the plain model to --out")
+    mg.add_argument("--model", required=True, help="local model directory or Hugging Face hub id")
+    mg.add_argument("--adapter", required=True, help="adapter .safetensors file, or a `train --out` directory")
+    mg.add_argument("--out", required=True, help="new directory for the merged model and its tokenizer")
+    mg.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
     d = sub.add_parser("demo", help="offline demo: adapt all-MiniLM-L6-v2 for passage retrieval, every variant")
     from .demo import add_demo_args
@@ -433,6 +439,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- merge
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    adapter = Path(args.adapter)
+    if adapter.is_dir():
+        adapter = adapter / ADAPTER_FILE
+    _need(adapter.is_file(), f"--adapter {args.adapter!r}: no adapter file there")
+    cfg = ll.read_adapter(adapter)[0]  # validates the file before the model load
+    out = Path(args.out)
+    _need(not out.exists() or not any(out.iterdir()), f"--out {args.out!r} is not empty; give a new directory")
+    model, tok = load_causal_lm(args.model, _device(args.device))
+    ll.load(model, adapter)
+    names = ll.merge(model)  # plain dense weights, no hooks: loads anywhere without lora-lite
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"merged the {cfg.variant} adapter into {len(names)} layers; saved the plain model to {out}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 _USER_ERRORS = (ll.ConfigError, ll.TargetError, ll.AdapterError, OSError, ValueError)
@@ -442,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `lora-lite` and `python -m lora_lite`; returns the exit status."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval}
+    commands = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge}
     if args.command == "demo":
         from .demo import cmd_demo
 
