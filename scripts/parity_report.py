@@ -53,7 +53,10 @@ def _e(x: float | str | None) -> str:
 
 def _init(r: dict) -> str:
     if r.get("init_nan"):
-        return f"ill-defined at init, in peft too (Gram-Schmidt of paired u: noise or 0/0): {r['init_nan']}"
+        return (
+            "not comparable at init: peft's paired init is 0/0 under Gram-Schmidt (noise or NaN), ours is "
+            f"random by design: {r['init_nan']}"
+        )
     if r.get("init_angle_deg") is not None:
         return f"A rows {_e(r['init_err'])}, principal angles ≤ {r['init_angle_deg']:.1e}°"
     if r.get("init_err") is not None:

@@ -130,8 +130,10 @@ CASES = [
     # blocks), hence grad_rtol 5e-5; and AdamW's first update is lr·g/(|g| + eps) ~ lr·sign(g), so a gradient
     # entry within rounding of zero can step +lr on one side and -lr on the other: measured 1.4e-3 of the
     # tensor's scale after 10 steps (MiniLM), hence train_rtol 5e-3 for the tensors (losses and outputs keep
-    # TRAIN_RTOL). The next case proves that the norm formula is the *only* difference: with peft's dense norm
-    # patched in, every number, trained tensors included, is within RTOL (measured: bit-identical).
+    # TRAIN_RTOL). The next case patches peft's dense norm in: forward and gradients are then within RTOL
+    # (measured ~1e-7); the trained tensors still differ on MiniLM (measured 1.5e-3) because the hot path also
+    # reorders the output arithmetic (g ⊙ (y + s·h Bᵀ), or g folded into B: dora.py), and AdamW amplifies
+    # that rounding the same way, hence the same train_rtol as the plain dora case.
     Case(
         "dora",
         "dora",
@@ -149,7 +151,7 @@ CASES = [
         8.0,
         lambda k: _lora_cfg(k, use_dora=True),
         map_dora,
-        train_rtol=RTOL,
+        train_rtol=5e-3,
         patch=lambda mp: mp.setattr(lora_lite.variants.dora, "weight_norm", _dense_dora_norm),
     ),
     Case("ia3 (output gating)", "ia3", R, 1.0, lambda k: _ia3_cfg(k, []), map_ia3),
@@ -218,6 +220,13 @@ def _init_check(case: Case, pairs: list) -> dict:
             errs.append(rel_err(ol.lora_wnorm, pl.delora_w_norm["default"]))
             errs.append(rel_err(ol.lora_lambda, pl.delora_lambda["default"].reshape(())))
         return dict(init_err=max(errs), init_what="wnorm = column norms of W, lambda")
+    if case.variant == "hra" and case.variant_kwargs.get("apply_GS"):
+        for name, _pl, ol in pairs:  # deliberate deviation: random init (peft's reset_hra_parameters_random)
+            U = ol.lora_U
+            assert not torch.equal(U[0::2], U[1::2]), f"{name}: apply_GS must not use the paired init (GS 0/0)"
+            bound = 1 / math.sqrt(U.shape[0])  # kaiming-uniform(a=√5) on peft's (d_in, r) layout: fan_in = r
+            assert torch.isfinite(U).all() and U.abs().max() <= bound, name
+        return dict(init_err=None, init_what="random init (deviation: peft's paired init is 0/0 under GS)")
     if case.variant == "hra":
         for name, pl, ol in pairs:
             U, u = ol.lora_U, pl.hra_u["default"].t()  # ours (r, d_in); peft (d_in, r), transposed
@@ -297,10 +306,10 @@ def test_parity_with_peft(case: Case, kind: str, monkeypatch: pytest.MonkeyPatch
         y_p0, y_o0 = output(pm, kind, data[0]), output(ours, kind, data[0])
     gs_init = case.variant_kwargs == {"apply_GS": True}
     if gs_init:
-        # HRA with apply_GS at peft's paired init is ill-defined in peft and in ours alike: Gram-Schmidt of
-        # u_2 = u_1 leaves u_2 - (q_1·u_2) q_1 = rounding noise, which is then normalised (a random direction), or
-        # exactly 0, and 0/0 = NaN. Which one happens depends on the order of the rounding, so the outputs at init
-        # are not comparable; record what each side produced. (From the first perturbation on, all is defined.)
+        # HRA with apply_GS at peft's paired init is ill-defined in peft: Gram-Schmidt of u_2 = u_1 leaves
+        # u_2 - (q_1·u_2) q_1 = rounding noise, which is then normalised (a random direction), or exactly 0, and
+        # 0/0 = NaN. We deliberately init randomly instead (hra.py), so the outputs at init are not comparable;
+        # record what each side produced. (From the first perturbation on, both use the copied tensors.)
         init_out_err = float("nan")
         init_nan = f"peft {'NaN' if y_p0.isnan().any() else 'finite'}, ours {'NaN' if y_o0.isnan().any() else 'finite'}"
     else:
