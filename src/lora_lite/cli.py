@@ -412,24 +412,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- eval
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    adapter = Path(args.adapter)
+def _adapter_file(arg: str) -> tuple[Path, ll.LoraLiteConfig]:
+    """--adapter: a file, or a `train --out` directory holding one; validated before any model load."""
+    adapter = Path(arg)
     if adapter.is_dir():
         adapter = adapter / ADAPTER_FILE
-    _need(adapter.is_file(), f"--adapter {args.adapter!r}: no adapter file there")
-    ll.read_adapter(adapter)  # validates the file before the model load
+    _need(adapter.is_file(), f"--adapter {arg!r}: no adapter file there")
+    return adapter, ll.read_adapter(adapter)[0]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    adapter, _ = _adapter_file(args.adapter)
     texts = read_texts(args.data, args.text_field)
     device = _device(args.device)
     model, tok = load_causal_lm(args.model, device)
     blocks = make_blocks(texts, tok, args.seq_len)
-    disabled = getattr(ll, "disabled", None)
-    if disabled is None:
+    ll.load(model, adapter)
+    with ll.disabled(model):
         base = lm_eval(model, blocks, args.batch_size, device, args.max_batches)
-        ll.load(model, adapter)
-    else:
-        ll.load(model, adapter)
-        with disabled(model):
-            base = lm_eval(model, blocks, args.batch_size, device, args.max_batches)
     adapted = lm_eval(model, blocks, args.batch_size, device, args.max_batches)
     n = min(len(blocks), args.max_batches * args.batch_size) if args.max_batches else len(blocks)
     print(f"{n} blocks of {args.seq_len} tokens from {args.data}")
@@ -443,11 +443,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    adapter = Path(args.adapter)
-    if adapter.is_dir():
-        adapter = adapter / ADAPTER_FILE
-    _need(adapter.is_file(), f"--adapter {args.adapter!r}: no adapter file there")
-    cfg = ll.read_adapter(adapter)[0]  # validates the file before the model load
+    adapter, cfg = _adapter_file(args.adapter)
     out = Path(args.out)
     _need(not out.exists() or not any(out.iterdir()), f"--out {args.out!r} is not empty; give a new directory")
     model, tok = load_causal_lm(args.model, _device(args.device))
