@@ -35,21 +35,24 @@ class Toy(nn.Module):
         return self.lm_head(x)
 
 
+# The tiny decoder shape every test uses (Llama, and Qwen/Gemma configs in test_architectures).
+TINY_DECODER = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    attn_implementation="eager",
+)
+
+
 def tiny_llama(seed: int = 0, **overrides):
     """LlamaForCausalLM, hidden 32, GQA (4 heads / 2 kv heads), 2 layers, vocab 128, fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    kw = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    kw.update(overrides)
+    kw = {**TINY_DECODER, **overrides}
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**kw)).eval()
 

@@ -19,23 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from _models import tiny_llama
+from _models import TINY_DECODER, tiny_llama
 from torch import nn
 
 import lora_lite as ll
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-_SMALL = dict(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    attn_implementation="eager",
-)
+_SMALL = TINY_DECODER
 
 
 def _causal(model_cls: str, cfg_cls: str, **extra):
