@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _models import llama_batch, lm_loss, tiny_llama
+from test_dtypes import VARIANTS as DTYPE_VARIANTS
 from torch import nn
 
 import lora_lite as ll
@@ -86,15 +87,8 @@ def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ((model(x) - torch.sin(torch.arange(8.0))) ** 2).mean()
 
 
-VARIANTS = {
-    "lora": dict(r=4, alpha=8.0),
-    "dora": dict(r=4, alpha=8.0),
-    "delora": dict(r=4),
-    "ia3": dict(variant_kwargs={"feedforward_roles": ["writer"]}),
-    "ia3_ff": dict(),
-    "hra": dict(r=4),
-    "eva": dict(r=4, alpha=8.0, variant_kwargs={"show_progress_bar": False}),
-}
+# every variant that does not rewrite the weight (pissa and antipasto refuse quantized bases: tested below)
+VARIANTS = {k: v for k, v in DTYPE_VARIANTS.items() if not ll.REGISTRY[k].rewrites_weight}
 ALL_ROLES = ("reader", "writer", "inner")
 
 

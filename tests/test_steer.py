@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_merge import _gpt2, perturb, rel
-from test_variants_common import ALL_ROLES, CASES, _attach, _inputs, _model, _out
+from test_merge import _adapted, _gpt2, perturb, rel
+from test_variants_common import ALL_ROLES, CASES, _out
 
 import lora_lite as ll
 from lora_lite.variants.antipasto import block_size, max_angle, rotation_blocks
@@ -14,15 +14,8 @@ NAMES = list(CASES)
 
 
 def _setup(name: str, kind: str = "llama"):
-    model, x = _model(kind), _inputs(kind)
-    with torch.no_grad():
-        base = _out(model, kind, x)
-    _attach(model, name, kind)
-    perturb(model)
-    with torch.no_grad():
-        adapted = _out(model, kind, x)
-    assert rel(adapted, base) > 1e-2
-    return model, x, base, adapted
+    """(model with a perturbed adapter, input, base output, adapted output): test_merge's `_adapted`."""
+    return _adapted(name, kind)
 
 
 @pytest.mark.parametrize("name", NAMES)
