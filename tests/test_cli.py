@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _models import TINY_DECODER
 
 import lora_lite as ll
 from lora_lite.cli import main, make_blocks, read_texts, split_blocks
@@ -31,15 +32,7 @@ def model_dir(tmp_path_factory) -> Path:
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(d)
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    cfg = LlamaConfig(**{**TINY_DECODER, "vocab_size": len(vocab)})
     LlamaForCausalLM(cfg).save_pretrained(d)
     return d
 
