@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 from torch.utils.hooks import RemovableHandle
 
 from .config import ConfigError, LoraLiteConfig
@@ -53,6 +54,7 @@ class _LayerState:
     fingerprint: str | None = None
     enabled: bool = True
     coef: float = 1.0  # steering coefficient (ll.scaled)
+    writable: torch.Tensor | None = None  # during a hook call: the base output, if safe to update in place
     cache: dict[str, Any] = field(default_factory=dict)  # variant-private, never saved (e.g. frozen norms)
 
 
@@ -105,8 +107,21 @@ def _forward_hook(layer: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tenso
     if st.coef != 1.0:  # inside ll.scaled(model, c)
         out = st.variant.scaled_forward(layer, x, y, st.coef)
     else:
-        out = st.variant.forward(layer, x, y)
+        st.writable = y if _sole_owner(layer, st, y) else None  # see variant.writable
+        try:
+            out = st.variant.forward(layer, x, y)
+        finally:
+            st.writable = None
     return out if out.dtype == y.dtype else out.to(y.dtype)
+
+
+def _sole_owner(layer: nn.Module, st: _LayerState, y: torch.Tensor) -> bool:
+    """Nobody but our hook can have seen y: no global hooks, ours is the layer's first, y is no grad leaf."""
+    return (
+        not _global_forward_hooks
+        and next(iter(layer._forward_hooks)) == st.handle.id
+        and not (y.requires_grad and y.is_leaf)
+    )
 
 
 def _pre_hook(layer: nn.Module, args: tuple) -> tuple | None:

@@ -60,7 +60,7 @@ from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
 from ..target import dense_weight, set_dense_weight
-from ..variant import ParamSpec, Variant, add_lowrank, register
+from ..variant import ParamSpec, Variant, add_lowrank, register, writable
 from .pissa import top_r_svd
 
 _KWARGS = ("block_size", "max_angle")
@@ -171,7 +171,7 @@ class AntiPaSTO(Variant):
         Vh = layer.lora_Vh
         Vh_rot = (R @ Vh.view(-1, bs, Vh.shape[1])).view_as(Vh)  # blockdiag(R) Vh, O(r·bs·d_in)
         h = F.linear(x, Vh_rot) * (layer.lora_S + c * layer.lora_delta_s)  # (x Vh_rotᵀ) ⊙ (S + c·δs)
-        return add_lowrank(y, h, layer.lora_U)  # y + h Uᵀ, one fused addmm
+        return add_lowrank(y, h, layer.lora_U, inplace=writable(layer, y))  # y + h Uᵀ, one fused addmm
 
     @staticmethod
     def scaled_forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:

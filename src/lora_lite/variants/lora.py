@@ -11,8 +11,9 @@ non-zero gradient (x Aᵀ ≠ 0) on step 1, A from step 2 on.
 Checked against peft 0.21.2 `peft/tuners/lora/layer.py`: `LoraLayer.update_layer` (scaling,
 rslora), `reset_lora_parameters` (init), `Linear.forward` (`result + lora_B(lora_A(dropout(x))) * scaling`).
 Deviation: none in the math. We apply s to the r-dim intermediate h = s·(x Aᵀ) and add h Bᵀ to y
-in one fused addmm (`add_lowrank`), where peft makes B(A x), multiplies the (…, d_out) result by s and
-adds it: same value to float rounding, three fewer passes over the output (forward and backward).
+in one fused addmm (`add_lowrank`, in place on the base output y when nothing else can hold it), where
+peft makes B(A x), multiplies the (…, d_out) result by s and adds it: same value to float rounding, three
+fewer passes over the output (forward and backward).
 
 Merge (`ll.merge`): W_eff = W + s·B A, bias unchanged.
 Steering (`ll.scaled(model, c)`): y + c·s·(x Aᵀ) Bᵀ, the update scaled by c (c = 0: the base model,
@@ -27,7 +28,7 @@ from torch import nn
 
 from ..config import LoraLiteConfig
 from ..target import dense_weight
-from ..variant import ParamSpec, Variant, add_lowrank, dropout, register
+from ..variant import ParamSpec, Variant, add_lowrank, dropout, register, writable
 
 
 @register
@@ -44,7 +45,7 @@ class LoRA(Variant):
     @staticmethod
     def forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = F.linear(dropout(layer, x), layer.lora_A) * layer._lora_lite.scale  # s on the r-dim side
-        return add_lowrank(y, h, layer.lora_B)  # y + h Bᵀ in one fused addmm
+        return add_lowrank(y, h, layer.lora_B, inplace=writable(layer, y))  # y + h Bᵀ, one fused addmm
 
     @staticmethod
     def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,0 +1,111 @@
+"""The in-place update of the base output (variant.add_lowrank with `writable`): taken when safe, never visible.
+
+The forward hook lets a variant add its low-rank update into the base layer's output tensor itself (no copy
+of a (…, d_out) activation) only if nobody else can hold that tensor. These tests pin both halves: the fast
+path is really taken in the common case (a regression to out of place would be silent otherwise), and a
+user's hook registered before ours, a global hook, or ll.scaled each see exactly the values they would see
+without it, with gradients equal to the out-of-place computation's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lora_lite as ll
+
+VARIANTS = ["lora", "dora", "delora", "pissa", "eva", "antipasto"]  # every add_lowrank user
+
+
+def _model(variant: str, bias: bool) -> nn.Sequential:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 24, bias=bias), nn.Tanh(), nn.Linear(24, 16, bias=bias))
+    calib = [torch.randn(4, 5, 16)] if variant == "eva" else None
+    ll.attach(m, ll.LoraLiteConfig(variant=variant, r=4, target_names=(r"^[02]$",)), calibration_data=calib)
+    with torch.no_grad():  # move every trainable tensor off its init so B = 0 hides nothing
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def _grads(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    x = x.clone().requires_grad_(True)
+    y = m(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    g = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    m.zero_grad(set_to_none=True)
+    return y.detach(), {"x": x.grad, **g}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_update_is_in_place_and_matches_out_of_place(variant: str, bias: bool) -> None:
+    m = _model(variant, bias)
+    x = torch.randn(3, 5, 16)
+    layer = m[0]
+    base_out = []
+    fwd = layer.forward
+
+    def record(t: torch.Tensor) -> torch.Tensor:  # wraps the base forward (not a hook): sees y before our hook
+        y = fwd(t)
+        base_out.append((y, y.clone()))
+        return y
+
+    layer.forward = record
+    y_fast, g_fast = _grads(m, x)
+    del layer.forward
+    y, before = base_out[-1]
+    assert not torch.equal(y, before), "the update was not made in place (the base output was copied)"
+
+    seen = []
+    pre = layer.register_forward_hook(lambda _m, _a, o: seen.append((o, o.clone())), prepend=True)  # before ours
+    y_slow, g_slow = _grads(m, x)
+    pre.remove()
+    stored, copy = seen[-1]
+    assert torch.equal(stored, copy), "a hook registered before ours saw its tensor change"
+    assert torch.allclose(y_fast, y_slow, rtol=1e-6, atol=1e-6)
+    for k in g_slow:  # the same math, only the accumulation kernel differs (baddbmm_/addmm_ vs addmm)
+        assert torch.allclose(g_fast[k], g_slow[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_global_hook_disables_the_in_place_path() -> None:
+    m = _model("lora", bias=False)
+    x = torch.randn(2, 5, 16)
+    seen = []
+    h = nn.modules.module.register_module_forward_hook(
+        lambda mod, _a, o: seen.append((o, o.clone())) if mod is m[0] else None
+    )
+    try:
+        m(x)
+    finally:
+        h.remove()
+    stored, copy = seen[0]
+    assert torch.equal(stored, copy)
+
+
+def test_hook_registered_before_attach_keeps_the_base_output() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 24))
+    seen = []
+    m[0].register_forward_hook(lambda _m, _a, o: seen.append(o))  # e.g. an activation cache set up first
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        ref = m(x).clone()
+        ll.attach(m, ll.LoraLiteConfig(variant="lora", r=4, target_names=(r"^0$",)))
+        nn.init.normal_(m[0].lora_B)
+        y = m(x)
+    assert torch.equal(seen[-1], ref) and not torch.equal(y, ref)
+
+
+def test_scaled_and_disabled_are_unaffected() -> None:
+    m = _model("lora", bias=True)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():  # the first layer alone: ll.scaled interpolates each layer's output linearly
+        y1 = m[0](x)
+        with ll.disabled(m):
+            y0 = m[0](x)
+        with ll.scaled(m, 0.5):
+            yh = m[0](x)
+    assert torch.allclose(yh, y0 + 0.5 * (y1 - y0), rtol=1e-5, atol=1e-6)
