@@ -23,10 +23,14 @@ with all tensors live from step 1 at the cost of a frozen copy of A, B. peft (an
 
 Checked against peft 0.21.2 `peft/tuners/delora/layer.py`: `_compute_delta` 63-73, `update_layer`
 88-126, `reset_delora_parameters` 128-154, `DeloraLinear.forward` 226-267 (same op order:
-`(lambda / r) / (An * Bn)` at 255). Deviations: the adapter math runs in at least fp32, so float16 adapters work (peft computes in
-float16 and silently produces NaN: at init 1/‖B_i‖ is clamped at 1e4, and λ/r·1e4·… overflows); λ is a 0-d tensor (peft: shape (1,)); wnorm is
-kept in `cfg.dtype` (peft: the base weight's dtype); Conv1D and quantized bases are accepted
-(peft: nn.Linear only).
+`(lambda / r) / (An * Bn)` at 255). Deviations: peft scales the input, (x ⊙ wnorm) Aᵀ; we fold wnorm
+into A, x (A diag(wnorm))ᵀ: the same product in another rounding order (relative difference ~1e-7 in
+fp32), without a (…, d_in) temporary and its backward multiply on every call (the benchmark's extra
+peak memory over the frozen base drops from 68.9 to 37.4 MiB, peft's is 68.9). The adapter math runs in
+at least fp32, so float16 adapters work (peft computes in float16 and silently produces NaN: at init
+1/‖B_i‖ is clamped at 1e4, and λ/r·1e4·… overflows). λ is a 0-d tensor (peft: shape (1,)); wnorm is
+kept in `cfg.dtype` (peft: the base weight's dtype); Conv1D and quantized bases are accepted (peft:
+nn.Linear only).
 
 Merge (`ll.merge`): W_eff = W + B Ξ A diag(wnorm), bias unchanged.
 Steering (`ll.scaled(model, c)`): y + c·ΔW x, the update scaled by c (the same as λ → c·λ).
@@ -42,7 +46,7 @@ from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
 from ..target import dense_weight
-from ..variant import ParamSpec, Variant, add_lowrank, dropout, register
+from ..variant import ParamSpec, Variant, add_lowrank, dropout, register, writable
 
 
 def _lambda(cfg: LoraLiteConfig) -> float:
@@ -84,10 +88,11 @@ class DeLoRA(Variant):
         A, B, r = layer.lora_A.to(dt), layer.lora_B.to(dt), layer._lora_lite.cfg.r
         An = torch.clamp(A.norm(dim=1), min=1e-4)
         Bn = torch.clamp(B.norm(dim=0), min=1e-4)
-        h = F.linear(dropout(layer, x.to(dt)) * layer.lora_wnorm.to(dt), A) * (
+        # (x ⊙ wnorm) Aᵀ computed as x (A diag(wnorm))ᵀ: wnorm folded into the (r, d_in) A, not the (…, d_in) x
+        h = F.linear(dropout(layer, x.to(dt)), A * layer.lora_wnorm.to(dt)) * (
             (layer.lora_lambda.to(dt) / r) / (An * Bn)
         )
-        return add_lowrank(y, h, B)  # y + h Bᵀ, one fused addmm
+        return add_lowrank(y, h, B, inplace=writable(layer, y))  # y + h Bᵀ, one fused addmm
 
     @staticmethod
     def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
