@@ -231,8 +231,9 @@ def test_identity_on_an_already_packed_4bit_base_in_eval_mode(variant: str) -> N
         y0 = model(x)
         _attach(model, variant)
         y1 = model(x)
-    if variant == "hra":
-        assert (y1 - y0).abs().max() <= 1e-5 * y0.abs().max()
+    if variant == "hra":  # Q x = x to ~1e-7, but the packed kernel rounds its input to bf16: a perturbation that
+        # crosses a bf16 rounding boundary moves that input by one bf16 ulp (2^-8 relative); a non-identity Q moves y by O(1)
+        assert (y1 - y0).abs().max() <= 2**-8 * y0.abs().max()
     else:
         assert torch.equal(y1, y0)
 
