@@ -4,7 +4,9 @@ One process, one run. A Llama-style model is built from a config (no hub downloa
 base, for lora-lite and for peft's equivalent of each variant we keep one model in memory and time
 one train step (forward + backward + AdamW step) per model per round, in a fresh random order each
 round, so machine noise (other processes, thermal, allocator state) hits every model alike. The
-reported time is the median over the rounds after warm-up.
+reported time is the median over the rounds after warm-up; every ratio (ours/base, peft/base, ours/peft)
+is the median over rounds of the two arms' times in the same round, so slow drift of the machine's speed
+cancels (a ratio of two medians does not).
 
     python benchmarks/bench_vs_peft.py                 # full size (README numbers), several minutes
     python benchmarks/bench_vs_peft.py --quick         # tiny model, every variant, < 1 minute (CI smoke)
@@ -472,6 +474,7 @@ def _run(
             step_s=statistics.median(times),
             step_s_all=times,
             cpu_s=statistics.median(cpu),
+            cpu_s_all=cpu,
             init_s=init_s,
             init_capped=capped,
             trainable=trainable,
@@ -489,13 +492,13 @@ def _run(
                 continue
             keys = ("step_s", "cpu_s", "init_s", "init_capped", "trainable", "peak_mb", "init_peak_mb")
             r[lib] = {k: row[k] for k in keys}
-            r[lib]["step_vs_base"] = row["step_s"] / base["step_s"]
-            r[lib]["cpu_vs_base"] = row["cpu_s"] / base["cpu_s"]
+            r[lib]["step_vs_base"] = _paired(row["step_s_all"], base["step_s_all"])
+            r[lib]["cpu_vs_base"] = _paired(row["cpu_s_all"], base["cpu_s_all"])
             r[lib]["extra_mb_vs_base"] = row["peak_mb"] - base["peak_mb"]
             r[lib]["step_s_all"] = row["step_s_all"]
         if ours and pf:
-            r["ours_vs_peft_step"] = ours["step_s"] / pf["step_s"]
-            r["ours_vs_peft_cpu"] = ours["cpu_s"] / pf["cpu_s"]
+            r["ours_vs_peft_step"] = _paired(ours["step_s_all"], pf["step_s_all"])
+            r["ours_vs_peft_cpu"] = _paired(ours["cpu_s_all"], pf["cpu_s_all"])
             r["ours_vs_peft_peak"] = ours["peak_mb"] / pf["peak_mb"]
         results.append(r)
 
@@ -535,6 +538,12 @@ def _run(
         "skipped": skipped,
         "total_s": time.perf_counter() - t_start,
     }
+
+
+def _paired(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a_i / b_i: both arms timed in the same round, so drift of the machine's speed
+    between rounds (frequent on shared VMs: the frozen base alone varied 0.33-0.67 s/step in one run) cancels."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def _loadavg() -> list[float] | None:
