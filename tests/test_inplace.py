@@ -109,3 +109,20 @@ def test_scaled_and_disabled_are_unaffected() -> None:
         with ll.scaled(m, 0.5):
             yh = m[0](x)
     assert torch.allclose(yh, y0 + 0.5 * (y1 - y0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_grad_and_inference_mode_match_out_of_place_bit_for_bit(variant: str) -> None:
+    """Without autograd the in-place update is the same gemm as the out-of-place one: identical bits."""
+    m = _model(variant, bias=True)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        y_ng = m(x)
+    with torch.inference_mode():
+        y_inf = m(x)
+    hooks = [layer.register_forward_hook(lambda *_: None, prepend=True) for layer in ll.targets(m).values()]
+    with torch.no_grad():
+        y_oop = m(x)  # a hook before ours: out of place
+    for h in hooks:
+        h.remove()
+    assert torch.equal(y_ng, y_inf) and torch.equal(y_ng, y_oop)

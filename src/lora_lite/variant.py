@@ -149,8 +149,10 @@ def add_lowrank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, inplace: bool
     With `inplace=True` (pass `writable(layer, y)`) it is `y.baddbmm_` / `addmm_` into y's own storage:
     no copy of y either. Measured on the benchmark's (4, 256, 1376) fp32 output, r = 8, 1 thread: 0.45 ms
     in place vs 1.16 ms out of place, and forward + backward 0.4 ms over a bare pass-through vs 2.9 ms.
-    The value of `y + F.linear(h, B)` (bit for bit in our CPU checks). Mixed dtypes (adapter dtype ≠
-    the base output's): h Bᵀ is computed in h's dtype and cast to y's, as before.
+    The value of `y + F.linear(h, B)`: bit for bit in our CPU checks, except that a batched output without
+    bias under autograd goes through `baddbmm_`, whose kernel can round differently on tiny shapes (~1 ulp;
+    identical on the benchmark's). Mixed dtypes (adapter dtype ≠ the base output's): h Bᵀ is computed in
+    h's dtype and cast to y's.
     """
     if y.dtype != h.dtype:
         return y + F.linear(h, B).to(y.dtype)
@@ -158,6 +160,9 @@ def add_lowrank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, inplace: bool
         # never an in-place op on a view: autograd records that as CopySlices, whose backward copies the whole
         # gradient twice (measured: it made in-place LoRA slower than out of place)
         Bt, base = B.t(), y._base
+        if not torch.is_grad_enabled():  # no graph, so no CopySlices: the same gemm as out of place, bit for bit
+            y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), Bt)
+            return y
         if base is None and y.dim() == 2:
             return y.addmm_(h, Bt)
         if base is None and y.dim() == 3:  # F.linear's output for batched input without bias
