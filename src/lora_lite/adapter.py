@@ -23,7 +23,8 @@ from torch.nn.modules.module import _global_forward_hooks
 from torch.utils.hooks import RemovableHandle
 
 from .config import ConfigError, LoraLiteConfig
-from .target import dims, find_targets, fingerprint, is_quantized
+from .original import Original
+from .target import dims, find_targets, fingerprint, is_conv1d, is_quantized
 from .variant import ParamSpec, Variant, get_variant
 
 FORMAT = "lora-lite"
@@ -50,7 +51,7 @@ class _LayerState:
     scale: float
     names: tuple[str, ...]  # the lora_* tensors on this layer
     handle: RemovableHandle | None = None
-    orig_weight: torch.Tensor | None = None  # rewriting variants: the weight before attach
+    original: Original | None = None  # rewriting variants: what restores the weight before attach (original.py)
     fingerprint: str | None = None
     enabled: bool = True
     coef: float = 1.0  # steering coefficient (ll.scaled)
@@ -119,7 +120,8 @@ def _sole_owner(layer: nn.Module, st: _LayerState, y: torch.Tensor) -> bool:
     """Nobody but our hook can have seen y: no global hooks, ours is the layer's first, y is no grad leaf."""
     return (
         not _global_forward_hooks
-        and next(iter(layer._forward_hooks)) == st.handle.id
+        and st.handle is not None
+        and next(iter(layer._forward_hooks), None) == st.handle.id
         and not (y.requires_grad and y.is_leaf)
     )
 
@@ -238,10 +240,12 @@ def attach(
                 else:
                     t.layer.register_parameter(pname, nn.Parameter(tensor, requires_grad=spec.trainable))
             if t.variant.rewrites_weight:
-                st.orig_weight = t.layer.weight.data.clone()
+                st.original = Original.dense_copy(t.layer.weight.data)  # until init succeeded
                 st.fingerprint = fingerprint(t.layer)
             with torch.no_grad():
                 t.variant.init(t.layer, cfg)
+                if t.variant.rewrites_weight:
+                    st.original = _compact_original(t.layer, st.original.dense)
         if not _skip_group_init:
             for variant in dict.fromkeys(t.variant for t in plan):
                 if variant.group_init is not None:
@@ -271,10 +275,21 @@ def attach(
     return [t.name for t in plan]
 
 
+def _compact_original(layer: nn.Module, W0: torch.Tensor) -> Original:
+    """Original (original.py) from the variant's `residual_factors` (W − W_res ≈ L R); without them a dense copy."""
+    factors = getattr(layer._lora_lite.variant, "residual_factors", None)
+    if factors is None:
+        return Original.dense_copy(W0)
+    L, R = factors(layer)
+    if is_conv1d(layer):  # the weight is stored (d_in, d_out): factors of the transpose
+        L, R = R.T, L.T
+    return Original.compact(W0, layer.weight.data, L, R)
+
+
 def _check_finite_init(t: _Target, cfg: LoraLiteConfig) -> None:
     st: _LayerState = getattr(t.layer, _LAYER)
     named = [(p, getattr(t.layer, p)) for p in t.specs]
-    if st.orig_weight is not None and st.orig_weight.is_floating_point() and bool(st.orig_weight.isfinite().all()):
+    if st.original is not None and st.original.finite:
         named.append(("weight", t.layer.weight))
     for pname, v in named:
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
@@ -296,8 +311,8 @@ def _remove(model: nn.Module) -> None:
         for pname in st.names:
             if hasattr(layer, pname):
                 delattr(layer, pname)
-        if st.orig_weight is not None:  # follow model.to(dtype/device) moves made since attach
-            layer.weight.data = st.orig_weight.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        if st.original is not None and "w_res" not in st.cache:  # (inside ll.disabled it already is the original)
+            layer.weight.data = st.original.weight(layer.weight.data)  # in today's dtype/device (model.to since)
         delattr(layer, _LAYER)
     for n, p in model.named_parameters():
         if n in state.requires_grad:

@@ -74,7 +74,7 @@ def merge(model: nn.Module) -> list[str]:
             layer.weight.data = w
             if b is not None:
                 layer.bias.data = b
-            layer._lora_lite.orig_weight = None  # the merged weight replaces the original (pissa, antipasto)
+            layer._lora_lite.original = None  # the merged weight replaces the original (pissa, antipasto)
     _remove(model)
     return list(layers)
 

@@ -71,7 +71,7 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 def _pissa_initial(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(A₀, B₀) with s·B₀A₀ = W − W_res: the principal part pissa moved out of the weight at attach."""
     st = layer._lora_lite
-    W0 = st.orig_weight.to(device=layer.weight.device, dtype=torch.float32)
+    W0 = st.original.weight(layer.weight.data).float()
     W0 = W0.t() if is_conv1d(layer) else W0
     U, S, Vh = torch.linalg.svd((W0 - dense_weight(layer)) / st.scale, full_matrices=False)
     r = st.cfg.r

@@ -41,13 +41,14 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
                 continue
             st.enabled = False
             turned_off.append((layer, st))
-            if st.orig_weight is not None:  # pissa / antipasto: put the original weight back for the block
-                w_res = layer.weight.data
-                layer.weight.data = st.orig_weight.to(device=w_res.device, dtype=w_res.dtype)
+            if st.original is not None:  # pissa / antipasto: put the original weight back for the block
+                w_res = st.cache["w_res"] = layer.weight.data  # detach inside the block: the weight is original
+                layer.weight.data = st.original.weight(w_res)
                 swapped.append((layer, st, w_res))
         yield model
     finally:
         for layer, st, w_res in swapped:
+            st.cache.pop("w_res", None)
             if _same_state(layer, st):
                 layer.weight.data = w_res
         for _, st in turned_off:
@@ -71,3 +72,4 @@ def scaled(model: nn.Module, c: float) -> Iterator[nn.Module]:
     finally:
         for (_, st), coef in zip(layers, before):
             st.coef = coef
+            st.cache.pop("original", None)  # pissa's rebuilt original weight, kept only for the block

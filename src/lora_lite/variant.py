@@ -81,6 +81,10 @@ class Variant:
 
     group_init: Callable[..., None] | None = None  # (model, targets, cfg, calibration_data)
 
+    # Optional with rewrites_weight=True, called once right after init, so the runtime can restore the original
+    # weight bit for bit without a dense copy of it (original.py; without it, it keeps a dense copy):
+    #   residual_factors(layer) -> (L (d_out, k), R (k, d_in)) with W − W_res ≈ L @ R
+
     # Optional, for ll.merge / ll.merged_state_dict / ll.export_peft:
     #   merged_weight(layer) -> (W_eff (d_out, d_in) fp32, effective bias or None = unchanged)
 

@@ -161,6 +161,11 @@ class AntiPaSTO(Variant):
         set_dense_weight(layer, W - (layer.lora_U.float() * layer.lora_S.float()) @ layer.lora_Vh.float())
 
     @staticmethod
+    def residual_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """W − W_res = U diag(S) Vh: the runtime restores W from these (original.py)."""
+        return layer.lora_U.double() * layer.lora_S.double(), layer.lora_Vh.double()
+
+    @staticmethod
     def forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         st = layer._lora_lite
         bs, c, rot_T = block_size(st.cfg), st.coef, layer.lora_rot_T

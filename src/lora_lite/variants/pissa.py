@@ -122,9 +122,17 @@ class PiSSA(LoRA):
         set_dense_weight(layer, W - st.scale * layer.lora_B.float() @ layer.lora_A.float())
 
     @staticmethod
+    def residual_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """W − W_res = s·B₀ A₀ (right after init): the runtime restores W from these (original.py)."""
+        return layer._lora_lite.scale * layer.lora_B.double(), layer.lora_A.double()
+
+    @staticmethod
     def scaled_forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
-        """y₀ + c·(y' − y₀), y₀ = x Wᵀ + b with the original W (kept by the runtime for detach)."""
-        W0 = layer._lora_lite.orig_weight.to(device=x.device, dtype=x.dtype)
+        """y₀ + c·(y' − y₀), y₀ = x Wᵀ + b with the original W (rebuilt once per ll.scaled block, dropped on exit)."""
+        st = layer._lora_lite
+        W0 = st.cache.get("original")
+        if W0 is None or W0.device != x.device or W0.dtype != x.dtype:
+            W0 = st.cache["original"] = st.original.weight(layer.weight.data).to(device=x.device, dtype=x.dtype)
         y0 = x @ W0 if is_conv1d(layer) else F.linear(x, W0)
         if layer.bias is not None:
             y0 = y0 + layer.bias.to(x.dtype)

@@ -1,0 +1,104 @@
+"""original.py: a rewritten weight is restored bit for bit from W_res, thin factors and 4-bit ulp corrections.
+
+The runtime's detach / disabled tests (test_variants_svd, test_steer, test_misuse) run on layers so small
+that the dense fallback is smaller; these run the compact form itself, on sizes where it is chosen.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lora_lite as ll
+from lora_lite.original import Original
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _split(d_out: int, d_in: int, r: int, dtype: torch.dtype, seed: int = 0):
+    """W0, a rank-r part L R of it (peft's PiSSA split: top-r SVD), and W_res = W0 − L R rounded to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    W0 = (torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / d_in**0.5).to(dtype)
+    U, S, Vh = torch.linalg.svd(W0.double(), full_matrices=False)
+    L, R = U[:, :r] * S[:r], Vh[:r]
+    W_res = (W0.double() - L @ R).to(dtype)
+    return W0, W_res, L, R
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(96, 64), (97, 65)])  # odd numel: the last 4-bit code pads a byte
+def test_compact_restores_bit_for_bit(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    W0, W_res, L, R = _split(*shape, r=4, dtype=dtype)
+    W0[0, :5] = torch.tensor([0.0, -0.0, 1e-30, -3e-8, 5e-6]).to(dtype)  # tiny entries: corrections beyond ±7 ulp
+    o = Original.compact(W0, W_res, L, R)
+    assert o.dense is None
+    out = o.weight(W_res)
+    assert out.dtype == dtype and out.shape == W0.shape
+    assert torch.equal(out.view(torch.uint8), W0.contiguous().view(torch.uint8))  # bits, incl. the sign of -0.0
+
+
+def test_compact_is_chosen_and_small_with_exceptions_listed() -> None:
+    W0, W_res, L, R = _split(512, 384, r=8, dtype=torch.float32)
+    W0[3, :40] = 1e-12  # far below the residual's ulp: these need the exception list
+    W_res = (W0.double() - L @ R).float()
+    o = Original.compact(W0, W_res, L, R)
+    assert o.dense is None and o.idx.numel() >= 40
+    assert o.nbytes() < W0.numel() * W0.element_size() / 4  # 4-bit codes + thin fp64 factors + a short list
+    assert torch.equal(o.weight(W_res), W0)
+
+
+def test_dense_fallback_when_compact_would_not_be_smaller() -> None:
+    W0, W_res, L, R = _split(8, 8, r=4, dtype=torch.float32)  # fp64 factors alone outweigh the weight
+    o = Original.compact(W0, W_res, L, R)
+    assert o.dense is not None and torch.equal(o.weight(W_res), W0)
+
+
+def test_widening_cast_restores_exactly_narrowing_to_rounding() -> None:
+    W0, W_res, L, R = _split(256, 192, r=8, dtype=torch.float32)
+    o = Original.compact(W0, W_res, L, R)
+    assert o.dense is None
+    assert torch.equal(o.weight(W_res.double()), W0.double())  # model.double() after attach: exact
+    half = o.weight(W_res.half())  # model.half(): W_res lost bits; the restore is the original to fp16 rounding:
+    # W_res's fp16 rounding (<= eps/2 |W_res|) plus the result's and the reference's (<= eps/2 |W| each)
+    bound = torch.finfo(torch.float16).eps * (W_res.abs() + W0.abs()) + 2**-24
+    err = (half.float() - W0.half().float()).abs()
+    assert half.dtype == torch.float16 and (err <= bound).all() and (err > 0).any()
+
+
+def _big_model(conv1d: bool) -> nn.Module:
+    torch.manual_seed(0)
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        return nn.Sequential(Conv1D(192, 256), nn.Tanh(), Conv1D(256, 192))
+    return nn.Sequential(nn.Linear(256, 192), nn.Tanh(), nn.Linear(192, 256))
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("variant", ["pissa", "antipasto"])
+def test_attach_keeps_compact_form_and_detach_after_training_is_exact(variant: str, conv1d: bool) -> None:
+    model = _big_model(conv1d)
+    raw = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    x = torch.randn(4, 7, 256)
+    with torch.no_grad():
+        base = model(x)
+    ll.attach(model, ll.LoraLiteConfig(variant=variant, r=8, target_names=(r"^[02]$",)))
+    for layer in ll.targets(model).values():
+        o = layer._lora_lite.original
+        assert o.dense is None, "the compact form should be chosen at this size"
+        # 4-bit codes are 1/8 of the fp32 weight; on layers this small the fp64 factors add about as much again
+        assert o.nbytes() < 0.4 * layer.weight.numel() * layer.weight.element_size()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        with ll.disabled(model):
+            assert torch.equal(model(x), base)  # the original weights rebuilt for the block
+        with ll.scaled(model, 0.0):
+            assert torch.allclose(model(x), base, rtol=0, atol=1e-6)
+    ll.detach(model)
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, raw[n]), n
