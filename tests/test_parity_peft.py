@@ -189,7 +189,26 @@ CASES = [
         grad_rtol=5e-5,
         train_rtol=5e-4,
     ),
-    Case("delora", "delora", R, 15.0, _delora_cfg, map_delora, {"delora_lambda": 15.0}),
+    # delora: we fold wnorm into A, x (A diag(wnorm))ᵀ, where peft scales x, (x ⊙ wnorm) Aᵀ: h rounds differently
+    # (~1e-7 relative per entry). Every tensor's gradient stays within RTOL except λ's: one scalar per layer,
+    # Σ_t,i ∂L/∂h_ti · h_ti / λ over every token and rank, a sum with cancellation that amplifies those roundings
+    # (measured 9.4e-5 on MiniLM's worst layer). Hence grad_rtol 2e-4 for this case only. Training amplifies the
+    # same roundings more than for any other variant: the output is invariant to rescaling a row A_i (Ξ_i divides
+    # by ‖A_i‖), so A's gradient is orthogonal to A_i and its entries come from cancellation, many within rounding
+    # of 0, where AdamW's lr·g/(|g| + eps) steps ±lr. Measured 1.5e-2 of A's scale after 10 steps on MiniLM (a
+    # few opposite lr = 1e-3 steps; A's entries are ~0.07), hence train_rtol 3e-2 for the tensors; the 11 losses
+    # and the outputs after training still agree within TRAIN_RTOL.
+    Case(
+        "delora",
+        "delora",
+        R,
+        15.0,
+        _delora_cfg,
+        map_delora,
+        {"delora_lambda": 15.0},
+        grad_rtol=2e-4,
+        train_rtol=3e-2,
+    ),
     Case("eva", "eva", R, 8.0, _eva_cfg, map_lora, eva=True),
 ]
 
