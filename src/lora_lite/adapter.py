@@ -245,7 +245,7 @@ def attach(
             with torch.no_grad():
                 t.variant.init(t.layer, cfg)
                 if t.variant.rewrites_weight:
-                    st.original = _compact_original(t.layer, st.original.dense)
+                    st.original = _compact_original(t.layer, st.original)
         if not _skip_group_init:
             for variant in dict.fromkeys(t.variant for t in plan):
                 if variant.group_init is not None:
@@ -275,15 +275,15 @@ def attach(
     return [t.name for t in plan]
 
 
-def _compact_original(layer: nn.Module, W0: torch.Tensor) -> Original:
-    """Original (original.py) from the variant's `residual_factors` (W − W_res ≈ L R); without them a dense copy."""
+def _compact_original(layer: nn.Module, dense: Original) -> Original:
+    """The compact Original (original.py) from the variant's `residual_factors` (W − W_res ≈ L R), if it has them."""
     factors = getattr(layer._lora_lite.variant, "residual_factors", None)
     if factors is None:
-        return Original.dense_copy(W0)
+        return dense
     L, R = factors(layer)
     if is_conv1d(layer):  # the weight is stored (d_in, d_out): factors of the transpose
         L, R = R.T, L.T
-    return Original.compact(W0, layer.weight.data, L, R)
+    return Original.compact(dense.dense, layer.weight.data, L, R, finite=dense.finite)
 
 
 def _check_finite_init(t: _Target, cfg: LoraLiteConfig) -> None:
