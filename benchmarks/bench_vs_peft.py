@@ -577,7 +577,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"Llama-style model: hidden {s['hidden']}, intermediate {s['intermediate']}, {s['layers']} layers, "
         f"vocab {s['vocab']}, batch {s['batch']} x seq {s['seq']}, fp32, r={s['r']}, all 7 projections targeted. "
-        f"Median of {res['rounds']} interleaved train steps (after {res['warmup']} warm-up rounds), "
+        f"Median of {res['rounds']} interleaved train steps (after {res['warmup']} warm-up rounds); each ratio is "
+        "the median over rounds of the two models' times in the same round; "
         f"{res['threads']} thread(s); {m['processor']}; torch {m['torch']}, peft {m['peft']}, "
         f"transformers {m['transformers']}.",
         "",
