@@ -126,3 +126,28 @@ def test_no_grad_and_inference_mode_match_out_of_place_bit_for_bit(variant: str)
     for h in hooks:
         h.remove()
     assert torch.equal(y_ng, y_inf) and torch.equal(y_ng, y_oop)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_torch_func_per_sample_gradients_and_double_backward(variant: str) -> None:
+    """torch.func transforms take the out-of-place path (an autograd.Function would need a vmap rule)."""
+    from torch.func import functional_call, grad, vmap
+
+    m = _model(variant, bias=False)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    x = torch.randn(3, 5, 16)
+
+    def loss(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(m, p, (xi.unsqueeze(0),)).pow(2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        m.zero_grad(set_to_none=True)
+        m(x[i : i + 1]).pow(2).sum().backward()
+        for k, p in m.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(per_sample[k][i], p.grad, rtol=1e-5, atol=1e-7), k
+    xg = x.clone().requires_grad_(True)  # double backward (e.g. a gradient penalty) through the in-place path
+    (gx,) = torch.autograd.grad(m(xg).sum(), xg, create_graph=True)
+    gx.pow(2).sum().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)

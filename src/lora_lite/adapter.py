@@ -117,9 +117,13 @@ def _forward_hook(layer: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tenso
 
 
 def _sole_owner(layer: nn.Module, st: _LayerState, y: torch.Tensor) -> bool:
-    """Nobody but our hook can have seen y: no global hooks, ours is the layer's first, y is no grad leaf."""
+    """Nobody but our hook can have seen y: no global hooks, ours is the layer's first, y is no grad leaf.
+
+    Not under torch.func transforms (vmap, grad, ...): their wrapped tensors get the plain out-of-place path.
+    """
     return (
         not _global_forward_hooks
+        and not torch._C._are_functorch_transforms_active()
         and st.handle is not None
         and next(iter(layer._forward_hooks), None) == st.handle.id
         and not (y.requires_grad and y.is_leaf)
