@@ -8,10 +8,11 @@
 Both set fields of each layer's runtime state (`layer._lora_lite.enabled`, `.coef`) that the hooks
 read, and restore them on exit, also when the body raises. For pissa and antipasto, which replaced
 `layer.weight` by a residual, `disabled` also swaps the original weight (rebuilt from what the
-runtime keeps for `detach`, original.py) in for the block, so the output is bit for bit the base model's. What c means is up to each
-variant (`Variant.scaled_forward`, documented in each variant's file): additive variants scale their
-update, ia3 interpolates its gate, pissa interpolates against the original weight, antipasto rotates
-by c (c = -1 is the exact inverse rotation). c = 1 costs nothing: the hooks take the usual path.
+runtime keeps for `detach`, original.py) in for the block, so the output is bit for bit the base
+model's. What c means is up to each variant (`Variant.scaled_forward`, documented in each variant's
+file): additive variants scale their update, ia3 interpolates its gate, pissa interpolates against the
+original weight, antipasto rotates by c (c = -1 is the exact inverse rotation). c = 1 costs nothing: the
+hooks take the usual path.
 """
 
 from __future__ import annotations
