@@ -17,8 +17,9 @@ the entries of the fp32 weights we measured (all-MiniLM-L6-v2, the benchmark's L
 for 98.5–99%; those are packed two per byte, the rest (entries of W much smaller than the residual's,
 whose ulp is finer) are kept as an (index, difference) list. On the benchmark's Llama that is 10 MiB
 instead of a 48 MiB dense copy: the codes are 1/8 of an fp32 weight (1/4 of a bf16 one), the list and the
-fp64 factors most of the rest. Where it would not be smaller, or the variant gives no factors, the dense
-copy is kept.
+fp64 factors most of the rest. All of it lives in CPU memory, whatever device the model is on (a model on a
+GPU keeps no extra device memory). Where it would not be smaller, or the variant gives no factors, the
+dense copy is kept (on the weight's device).
 
 Restoring from a residual in another dtype (`model.double()` after attach): a widening cast is undone
 exactly, so the restore is exact too; after a narrowing one (`model.half()`) W_res has lost bits and the
