@@ -105,3 +105,19 @@ def test_attach_keeps_compact_form_and_detach_after_training_is_exact(
     ll.detach(model)
     for n, p in model.state_dict().items():
         assert torch.equal(p, raw[n]), n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compact_original_of_a_cuda_model_lives_on_the_cpu_and_restores_exactly() -> None:
+    model = _big_model(conv1d=False).cuda()
+    raw = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    before = torch.cuda.memory_allocated()
+    ll.attach(model, ll.LoraLiteConfig(variant="pissa", r=8, target_names=(r"^[02]$",)))
+    adapter = sum(t.numel() * t.element_size() for t in ll.adapter_state_dict(model).values())
+    assert torch.cuda.memory_allocated() - before <= adapter  # no copy of the weights kept on the device
+    for layer in ll.targets(model).values():
+        o = layer._lora_lite.original
+        assert o.dense is None and o.L.device.type == "cpu" and o.codes.device.type == "cpu"
+    ll.detach(model)
+    for n, p in model.state_dict().items():
+        assert p.is_cuda and torch.equal(p, raw[n]), n
