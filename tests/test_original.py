@@ -121,3 +121,24 @@ def test_compact_original_of_a_cuda_model_lives_on_the_cpu_and_restores_exactly(
     ll.detach(model)
     for n, p in model.state_dict().items():
         assert p.is_cuda and torch.equal(p, raw[n]), n
+
+
+def test_disabled_rebuilds_the_original_once_and_reuses_it() -> None:
+    """Only the compact form is kept until a block needs the original; then the rebuilt one is reused."""
+    model = _big_model(conv1d=False)
+    x = torch.randn(2, 3, 256)
+    with torch.no_grad():
+        base = model(x)
+    ll.attach(model, ll.LoraLiteConfig(variant="pissa", r=8, target_names=(r"^[02]$",)))
+    layers = list(ll.targets(model).values())
+    assert all("original" not in layer._lora_lite.cache for layer in layers)  # compact only, until needed
+    with torch.no_grad():
+        with ll.disabled(model):
+            assert torch.equal(model(x), base)
+        kept = [layer._lora_lite.cache["original"] for layer in layers]
+        with ll.disabled(model):  # a DPO-style second reference pass: no rebuild
+            assert torch.equal(model(x), base)
+            assert all(layer.weight.data_ptr() == w.data_ptr() for layer, w in zip(layers, kept))
+        model.double()  # a cast since: rebuilt in the new dtype, still exact
+        with ll.disabled(model):
+            assert torch.equal(model(x.double()), _big_model(conv1d=False).double()(x.double()))

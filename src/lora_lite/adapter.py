@@ -316,12 +316,27 @@ def _remove(model: nn.Module) -> None:
             if hasattr(layer, pname):
                 delattr(layer, pname)
         if st.original is not None and "w_res" not in st.cache:  # (inside ll.disabled it already is the original)
-            layer.weight.data = st.original.weight(layer.weight.data)  # in today's dtype/device (model.to since)
+            layer.weight.data = original_weight(layer)  # in today's dtype/device (model.to since attach)
         delattr(layer, _LAYER)
     for n, p in model.named_parameters():
         if n in state.requires_grad:
             p.requires_grad_(state.requires_grad[n])
     delattr(model, _STATE)
+
+
+def original_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a rewriting variant (pissa, antipasto) replaced, in the current weight's dtype and device.
+
+    Rebuilt bit for bit from the compact form (original.py) on first use, then kept in the layer's cache,
+    so that repeated `ll.disabled` / `ll.scaled` blocks (a DPO reference model every step) cost nothing
+    after the first: the memory of a dense copy, paid only by models that use them. detach frees it.
+    """
+    st: _LayerState = layer._lora_lite
+    w_res = st.cache.get("w_res", layer.weight.data)  # inside ll.disabled, layer.weight is the original itself
+    W0 = st.cache.get("original")
+    if W0 is None or W0.dtype != w_res.dtype or W0.device != w_res.device:  # first use, or model.to() since
+        W0 = st.cache["original"] = st.original.weight(w_res)
+    return W0
 
 
 def detach(model: nn.Module) -> None:

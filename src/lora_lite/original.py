@@ -21,6 +21,9 @@ fp64 factors most of the rest. All of it lives in CPU memory, whatever device th
 GPU keeps no extra device memory). Where it would not be smaller, or the variant gives no factors, the
 dense copy is kept (on the weight's device).
 
+`ll.disabled` / `ll.scaled` need the dense original while they run: `adapter.original_weight` rebuilds it
+on first use and keeps it in the layer's cache (so only models that use them pay for the dense copy).
+
 Restoring from a residual in another dtype (`model.double()` after attach): a widening cast is undone
 exactly, so the restore is exact too; after a narrowing one (`model.half()`) W_res has lost bits and the
 result is W̃ from the rounded residual, the original to that cast's rounding.

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .adapter import AdapterError, targets
+from .adapter import AdapterError, original_weight, targets
 
 
 def _same_state(layer: nn.Module, st: object) -> bool:
@@ -44,7 +44,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             turned_off.append((layer, st))
             if st.original is not None:  # pissa / antipasto: put the original weight back for the block
                 w_res = st.cache["w_res"] = layer.weight.data  # detach inside the block: the weight is original
-                layer.weight.data = st.original.weight(w_res)
+                layer.weight.data = original_weight(layer)  # rebuilt once, then kept (adapter.original_weight)
                 swapped.append((layer, st, w_res))
         yield model
     finally:
@@ -73,4 +73,3 @@ def scaled(model: nn.Module, c: float) -> Iterator[nn.Module]:
     finally:
         for (_, st), coef in zip(layers, before):
             st.coef = coef
-            st.cache.pop("original", None)  # pissa's rebuilt original weight, kept only for the block

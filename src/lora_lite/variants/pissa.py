@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapter import original_weight
 from ..config import ConfigError, LoraLiteConfig
 from ..target import dense_weight, is_conv1d, set_dense_weight
 from ..variant import ParamSpec, register
@@ -128,11 +129,9 @@ class PiSSA(LoRA):
 
     @staticmethod
     def scaled_forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
-        """y₀ + c·(y' − y₀), y₀ = x Wᵀ + b with the original W (rebuilt once per ll.scaled block, dropped on exit)."""
-        st = layer._lora_lite
-        W0 = st.cache.get("original")
-        if W0 is None or W0.device != x.device or W0.dtype != x.dtype:
-            W0 = st.cache["original"] = st.original.weight(layer.weight.data).to(device=x.device, dtype=x.dtype)
+        """y₀ + c·(y' − y₀), y₀ = x Wᵀ + b with the original W (rebuilt on first use, then kept: original_weight)."""
+        W0 = original_weight(layer)
+        W0 = W0 if W0.dtype == x.dtype else W0.to(x.dtype)
         y0 = x @ W0 if is_conv1d(layer) else F.linear(x, W0)
         if layer.bias is not None:
             y0 = y0 + layer.bias.to(x.dtype)
