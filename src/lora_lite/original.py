@@ -64,10 +64,11 @@ class Original:
     def compact(
         cls, W0: torch.Tensor, W_res: torch.Tensor, L: torch.Tensor, R: torch.Tensor, finite: bool | None = None
     ) -> Original:
-        """The smaller of the compact form (W_res, L R, c) and a dense copy. L, R in W0's storage layout."""
-        if W0.dtype not in _INT or W0.shape != W_res.shape or W_res.dtype != W0.dtype:
-            return cls.dense_copy(W0)
+        """The smaller of the compact form (W_res, L R, c) and W0 itself (kept, not copied). L, R in W0's layout."""
         finite = _finite(W0) if finite is None else finite
+        dense = cls(W0.dtype, finite, dense=W0)  # the fallback: the runtime passes its own private copy of W
+        if W0.dtype not in _INT or W0.shape != W_res.shape or W_res.dtype != W0.dtype:
+            return dense
         o = cls(W0.dtype, finite, L=L.detach().to("cpu", torch.float64), R=R.detach().to("cpu", torch.float64))
         c = _bits(W0.detach().cpu()) - _bits(o.recompose(W_res))  # exact: int64 difference of the integer views
         far = c.abs() > _MAX
@@ -77,7 +78,7 @@ class Original:
         if code.numel() % 2:
             code = torch.cat([code, code.new_zeros(1)])
         o.codes = code[0::2] | (code[1::2] << 4)
-        return o if o.nbytes() < W0.numel() * W0.element_size() else cls.dense_copy(W0)
+        return o if o.nbytes() < W0.numel() * W0.element_size() else dense
 
     def recompose(self, W_res: torch.Tensor) -> torch.Tensor:
         """round(W_res + L R) in the original dtype, flat, on the CPU; deterministic (fixed-order rank-1 updates)."""
