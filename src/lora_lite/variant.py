@@ -151,48 +151,68 @@ def add_lowrank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, inplace: bool
 
     One fused `addmm` when y and h share a dtype: no (…, d_out) temporary for h Bᵀ and no separate add.
     With `inplace=True` (pass `writable(layer, y)`) the same gemm adds into y's own storage: no copy of y
-    either. Measured (2 threads, r = 8): forward + backward of the update on a (4, 256, 1376) fp32 output
-    2.8 ms in place vs 4.5 ms out of place; on the benchmark's whole train step the gain is smaller, LoRA
-    1.14× vs 1.15× the frozen base (paired median of 30 rounds; best round 1.08× vs 1.13×). The value is
-    `y + F.linear(h, B)`, and the gradients are those of out-of-place `addmm`, bit for bit (same kernels).
+    either. Under autograd both go through `_LowRank`, whose backward computes B's gradient as (hᵀ g)ᵀ
+    rather than addmm's gᵀ h: the same sum, in the layout MKL runs 2-3× faster for r = 8 (0.07 vs 0.21 ms
+    on a (1024, 512) output). Values and gradients in place and out of place are the same bits (same
+    kernels). Measured (2 threads, r = 8, the benchmark's Llama): in place, LoRA 1.15× → 1.14× the frozen
+    base; the backward layout, 1.15× → 1.13× (paired medians over 30-40 rounds).
     Mixed dtypes (adapter dtype ≠ the base output's): h Bᵀ is computed in h's dtype and cast to y's.
+    Under torch.compile and torch.func transforms: plain out-of-place `addmm` (the compiler plans memory
+    itself; functorch needs no custom autograd.Function).
     """
     if y.dtype != h.dtype:
         return y + F.linear(h, B).to(y.dtype)
-    if inplace and y.is_contiguous() and h.shape[:-1] == y.shape[:-1] and not torch.compiler.is_compiling():
-        base = y._base  # (under torch.compile: out of place, the compiler plans memory itself)
-        if not torch.is_grad_enabled() or (base is None and y.dim() == 2):
-            y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t())  # no graph, or y itself is 2-D
+    d, h2 = y.shape[-1], h.reshape(-1, h.shape[-1])
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return torch.addmm(y.reshape(-1, d), h2, B.t()).view(y.shape)
+    grad = torch.is_grad_enabled() and (y.requires_grad or h.requires_grad or B.requires_grad)
+    t = _own_storage(y) if inplace and h2.shape[0] * d == y.numel() else None
+    if t is not None:
+        if not grad:
+            t.view(-1, d).addmm_(h2, B.t())
             return y
-        if base is None:  # F.linear's output for batched input without bias: y is not a view of a 2-D result
-            return _AddLowRank_.apply(y, h, B)
-        if base._base is None and base.dim() == 2 and base.is_contiguous() and base.shape[-1] == y.shape[-1]:
-            if base.numel() == y.numel() and base.data_ptr() == y.data_ptr():  # with bias: y views a 2-D result
-                return base.addmm_(h.reshape(base.shape[0], -1), B.t()).view(y.shape)
-    return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t()).view(y.shape)
+        return _LowRank.apply(t, h2, B, True).view(y.shape)
+    if not grad:
+        return torch.addmm(y.reshape(-1, d), h2, B.t()).view(y.shape)
+    return _LowRank.apply(y.reshape(-1, d), h2, B, False).view(y.shape)
 
 
-class _AddLowRank_(torch.autograd.Function):
-    """y += h Bᵀ in place on a batched, non-view y, as one 2-D gemm, with addmm's own backward.
+def _own_storage(y: torch.Tensor) -> torch.Tensor | None:
+    """The tensor to update in place for y: y itself, or (F.linear with a bias on batched input) the 2-D
+    result y views with the same layout; None for any other view or a non-contiguous y."""
+    if not y.is_contiguous():
+        return None
+    base = y._base
+    if base is None:
+        return y
+    if base._base is None and base.is_contiguous() and base.numel() == y.numel() and base.data_ptr() == y.data_ptr():
+        return base
+    return None
 
-    Autograd records an in-place op through `y.view(-1, d)` as CopySlices, whose backward copies the whole
-    gradient twice (that made in-place slower than out of place); `mark_dirty` marks y modified (version
-    bump: a saved y would still be caught) without a view in the graph.
+
+class _LowRank(torch.autograd.Function):
+    """t + h Bᵀ (t (…, d_out), h (n, r), n·d_out = t.numel()), in place on t (`inplace`) or into a new tensor.
+
+    In place, `mark_dirty` marks t modified (version bump: a saved t would still be caught) without a view in
+    the graph: an in-place op through `t.view(-1, d)` is recorded as CopySlices, whose backward copies the
+    whole gradient twice (that made in-place slower than out of place).
     """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        h2 = h.reshape(-1, h.shape[-1])
-        y.view(-1, y.shape[-1]).addmm_(h2, B.t())
-        ctx.mark_dirty(y)
+    def forward(ctx, t: torch.Tensor, h2: torch.Tensor, B: torch.Tensor, inplace: bool) -> torch.Tensor:
+        if inplace:
+            t.view(-1, t.shape[-1]).addmm_(h2, B.t())
+            ctx.mark_dirty(t)
+            out = t
+        else:
+            out = torch.addmm(t.view(-1, t.shape[-1]), h2, B.t()).view(t.shape)
         ctx.save_for_backward(h2, B)
-        ctx.h_shape = h.shape
-        return y
+        return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         h2, B = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
-        gh = g2.mm(B).view(ctx.h_shape) if ctx.needs_input_grad[1] else None  # AddmmBackward's mat1 grad
-        gB = g2.t().mm(h2) if ctx.needs_input_grad[2] else None  # its mat2 (= Bᵀ, column-major) grad, as Bᵀᵀ
-        return g, gh, gB
+        gh = g2.mm(B) if ctx.needs_input_grad[1] else None
+        gB = h2.t().mm(g2).t() if ctx.needs_input_grad[2] else None  # (hᵀ g)ᵀ: B's grad, in the fast layout
+        return g, gh, gB, None
