@@ -12,6 +12,7 @@ from torch import nn
 
 import lora_lite as ll
 from lora_lite.original import Original
+from lora_lite.target import all_finite
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -142,3 +143,20 @@ def test_disabled_rebuilds_the_original_once_and_reuses_it() -> None:
         model.double()  # a cast since: rebuilt in the new dtype, still exact
         with ll.disabled(model):
             assert torch.equal(model(x.double()), _big_model(conv1d=False).double()(x.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_is_exact_even_when_the_sum_overflows(dtype: torch.dtype) -> None:
+    """all_finite's fast path is a sum; an overflowing sum of finite values must still count as finite."""
+    big = torch.finfo(dtype).max
+    t = torch.full((64,), big, dtype=dtype)  # every entry finite, the sum overflows
+    assert all_finite(t)
+    assert all_finite(torch.randn(1000).to(dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[17] = bad
+        assert not all_finite(u)
+        v = torch.zeros(1000, dtype=dtype)
+        v[999] = bad
+        assert not all_finite(v)
+    assert all_finite(torch.tensor([1, 2, 3]))  # integer tensors hold no NaN/inf

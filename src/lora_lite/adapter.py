@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .config import ConfigError, LoraLiteConfig
 from .original import Original
-from .target import dims, find_targets, fingerprint, is_conv1d, is_quantized
+from .target import all_finite, dims, find_targets, fingerprint, is_conv1d, is_quantized
 from .variant import ParamSpec, Variant, get_variant
 
 FORMAT = "lora-lite"
@@ -296,7 +296,7 @@ def _check_finite_init(t: _Target, cfg: LoraLiteConfig) -> None:
     if st.original is not None and st.original.finite:
         named.append(("weight", t.layer.weight))
     for pname, v in named:
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+        if not all_finite(v):
             raise ConfigError(
                 f"{t.name}: {t.variant.name!r} init made {pname} non-finite (NaN/inf) with r={cfg.r}, "
                 f"alpha={cfg.alpha}, dtype={cfg.dtype}, variant_kwargs={cfg.variant_kwargs}. "
@@ -482,7 +482,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_nonfinite: bool = F
             raise LoadError(f"{k}: shape {tuple(t.shape)} in the file, this model needs {shape}")
         if t.dtype != dtype:
             raise LoadError(f"{k}: dtype {t.dtype} in the file, the adapter config says {dtype}")
-        if not allow_nonfinite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not allow_nonfinite and not all_finite(t):
             raise LoadError(f"{k}: contains NaN or inf values; pass allow_nonfinite=True to load it anyway")
     names = attach(model, cfg, _skip_group_init=True)
     try:

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .target import all_finite
+
 _INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 _WIDENS = {  # dtype -> the dtypes that hold every one of its values exactly
     torch.float16: (torch.float16, torch.float32, torch.float64),
@@ -58,14 +60,14 @@ class Original:
 
     @classmethod
     def dense_copy(cls, W0: torch.Tensor) -> Original:
-        return cls(W0.dtype, _finite(W0), dense=W0.detach().clone())
+        return cls(W0.dtype, all_finite(W0), dense=W0.detach().clone())
 
     @classmethod
     def compact(
         cls, W0: torch.Tensor, W_res: torch.Tensor, L: torch.Tensor, R: torch.Tensor, finite: bool | None = None
     ) -> Original:
         """The smaller of the compact form (W_res, L R, c) and W0 itself (kept, not copied). L, R in W0's layout."""
-        finite = _finite(W0) if finite is None else finite
+        finite = all_finite(W0) if finite is None else finite
         dense = cls(W0.dtype, finite, dense=W0)  # the fallback: the runtime passes its own private copy of W
         if W0.dtype not in _INT or W0.shape != W_res.shape or W_res.dtype != W0.dtype:
             return dense
@@ -109,7 +111,3 @@ class Original:
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(_INT[t.dtype]).flatten().long()
-
-
-def _finite(t: torch.Tensor) -> bool:
-    return not t.is_floating_point() or bool(t.isfinite().all())

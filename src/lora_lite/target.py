@@ -100,6 +100,15 @@ def set_dense_weight(m: nn.Module, w: torch.Tensor) -> None:
     m.weight.data = new
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True if t has no NaN/inf. One reduction: the sum of finite values is finite unless it overflows, and
+    any NaN/inf makes it non-finite, so only a non-finite sum needs the elementwise check (40× slower)."""
+    if not t.is_floating_point():
+        return True
+    total = t.sum(dtype=torch.float32 if t.element_size() < 4 else t.dtype)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+
+
 def fingerprint(m: nn.Module) -> str:
     """sha256 of the weight's raw bytes (exact: any changed bit changes it)."""
     t = m.weight.detach().cpu().contiguous()
