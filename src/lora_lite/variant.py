@@ -156,12 +156,15 @@ def add_lowrank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, inplace: bool
     on a (1024, 512) output). Values and gradients in place and out of place are the same bits (same
     kernels). Measured (2 threads, r = 8, the benchmark's Llama): in place, LoRA 1.15× → 1.14× the frozen
     base; the backward layout, 1.15× → 1.13× (paired medians over 30-40 rounds).
-    Mixed dtypes (adapter dtype ≠ the base output's): h Bᵀ is computed in h's dtype and cast to y's.
+    Mixed dtypes (adapter dtype ≠ the base output's): h Bᵀ is computed in h's dtype and cast to y's; under
+    torch.autocast (y, h in bf16, B the fp32 parameter) B is cast to h's dtype, as autocast's own addmm does.
     Under torch.compile and torch.func transforms: plain out-of-place `addmm` (the compiler plans memory
     itself; functorch needs no custom autograd.Function).
     """
     if y.dtype != h.dtype:
         return y + F.linear(h, B).to(y.dtype)
+    if B.dtype != h.dtype:  # under torch.autocast: h came out of an autocast matmul, B is the fp32 parameter
+        B = B.to(h.dtype)  # (a recorded cast: B's gradient flows back in B's own dtype)
     d, h2 = y.shape[-1], h.reshape(-1, h.shape[-1])
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return torch.addmm(y.reshape(-1, d), h2, B.t()).view(y.shape)
