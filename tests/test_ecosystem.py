@@ -162,3 +162,26 @@ def test_compile_inductor_equals_eager(key: str) -> None:
 @pytest.mark.parametrize("key", ["delora", "hra", "ia3", "pissa", "antipasto", "eva"])
 def test_compile_aot_eager_other_variants(key: str) -> None:
     _compile_matches_eager(key, "aot_eager")
+
+
+# ---------------------------------------------------------------- generation with a KV cache
+
+
+@pytest.mark.parametrize("key", [k for k in CFGS if k != "lora_dropout"])
+def test_generate_with_kv_cache_equals_greedy_without_cache(key: str) -> None:
+    """model.generate reuses cached keys/values and feeds one token at a time: the adapted k/v projections'
+    outputs land in the cache. Greedy decoding must pick the same tokens as re-running the whole prefix
+    without a cache (the adapter applied to every position every time)."""
+    model = _attached(key).eval()
+    model.generation_config.eos_token_id = None  # decode all 8 tokens (no early stop on a sampled EOS)
+    ids = llama_batch(batch=2, seq=6)
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    seq = ids
+    with torch.no_grad():
+        with ll.disabled(model):
+            base = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        for _ in range(8):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+    assert not torch.equal(out, base), "the adapter changed no token: the test would not see a lost update"
