@@ -31,6 +31,7 @@ result is W̃ from the rounded residual, the original to that cast's rounding.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ _WIDENS = {  # dtype -> the dtypes that hold every one of its values exactly
     torch.float64: (torch.float64,),
 }
 _MAX = 7  # |c| <= 7 fits a 4-bit code c + 7 in 0..14; code 15 marks an entry of the exception list
+_BLOCK = 2**17  # float64 entries per block of rows in `_blocks` (1 MiB: the two buffers stay in L2)
 
 
 @dataclass
@@ -72,22 +74,48 @@ class Original:
         if W0.dtype not in _INT or W0.shape != W_res.shape or W_res.dtype != W0.dtype:
             return dense
         o = cls(W0.dtype, finite, L=L.detach().to("cpu", torch.float64), R=R.detach().to("cpu", torch.float64))
-        c = _bits(W0.detach().cpu()) - _bits(o.recompose(W_res))  # exact: int64 difference of the integer views
-        far = c.abs() > _MAX
-        o.idx = far.nonzero().squeeze(1).to(torch.int32 if c.numel() < 2**31 else torch.int64)
-        o.diff = c[o.idx]
-        code = torch.where(far, 2 * _MAX + 1, c + _MAX).to(torch.uint8)
-        if code.numel() % 2:
-            code = torch.cat([code, code.new_zeros(1)])
+        W0 = W0.detach().cpu().reshape(-1)
+        code = torch.zeros(W0.numel() + W0.numel() % 2, dtype=torch.uint8)
+        idx, diff = [], []
+        for lo, hi, w in o._blocks(W_res):  # block by block: every temporary stays in the CPU's cache
+            c = _bits(W0[lo:hi]) - _bits(w)  # exact: int64 difference of the integer views
+            far = c.abs() > _MAX
+            code[lo:hi] = torch.where(far, 2 * _MAX + 1, c + _MAX)
+            j = far.nonzero().squeeze(1)
+            idx.append(j + lo)
+            diff.append(c[j])
+        o.idx = torch.cat(idx).to(torch.int32 if W0.numel() < 2**31 else torch.int64)
+        o.diff = torch.cat(diff)
         o.codes = code[0::2] | (code[1::2] << 4)
         return o if o.nbytes() < W0.numel() * W0.element_size() else dense
 
+    def _blocks(self, W_res: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(lo, hi, round(W_res + L R) of flat entries lo:hi in the original dtype), a few rows at a time.
+
+        Deterministic: in float64, W_res plus one rank-1 term at a time in a fixed order, each a separate
+        multiply and add (two IEEE roundings, never an FMA, which a BLAS ger or a fused addcmul may use in one
+        loop and not in another), so the same bits at attach and at detach whatever the device or threads.
+        Rows in blocks of ~1 MiB of float64, through two reused buffers: 7x faster than whole-matrix passes
+        on a 4096 x 4096 weight (0.17 vs 1.17 s, 2 threads), where every fresh 134 MB temporary page-faults.
+        """
+        src = W_res.detach().to("cpu")
+        n_rows, n_cols = self.L.shape[0], self.R.shape[1]
+        src = src.reshape(n_rows, n_cols)
+        step = max(1, _BLOCK // n_cols)
+        acc = torch.empty(min(step, n_rows), n_cols, dtype=torch.float64)
+        tmp = torch.empty_like(acc)
+        for i in range(0, n_rows, step):
+            j = min(i + step, n_rows)
+            a, t = acc[: j - i], tmp[: j - i]
+            a.copy_(src[i:j])
+            for k in range(self.L.shape[1]):
+                torch.mul(self.L[i:j, k, None], self.R[k], out=t)
+                a.add_(t)
+            yield i * n_cols, j * n_cols, a.to(self.dtype).flatten()
+
     def recompose(self, W_res: torch.Tensor) -> torch.Tensor:
-        """round(W_res + L R) in the original dtype, flat, on the CPU; deterministic (fixed-order rank-1 updates)."""
-        acc = W_res.detach().to("cpu", torch.float64, copy=True)
-        for k in range(self.L.shape[1]):  # a separate multiply and add: two IEEE roundings, never an FMA (which a
-            acc += self.L[:, k, None] * self.R[k]  # BLAS ger or a fused addcmul may use in one loop and not in another)
-        return acc.to(self.dtype).flatten()
+        """round(W_res + L R) in the original dtype, flat, on the CPU (see `_blocks`)."""
+        return torch.cat([w for _, _, w in self._blocks(W_res)])
 
     def weight(self, current: torch.Tensor) -> torch.Tensor:
         """The original weight in `current`'s dtype, device and shape; `current` is the (rewritten) weight now."""
@@ -95,14 +123,19 @@ class Original:
             return self.dense.to(device=current.device, dtype=current.dtype)
         if current.is_meta:  # model.to("meta"): no values anywhere, only the shape and dtype to follow
             return torch.empty_like(current)
-        W_res = current.detach().to(self.dtype)
-        W = self.recompose(W_res)
-        if current.dtype in _WIDENS[self.dtype]:  # W_res unchanged by any cast since attach: apply the corrections
-            code = torch.stack([self.codes & 15, self.codes >> 4], 1).flatten()[: W.numel()].long()
-            c = code - _MAX
-            c[self.idx.long()] = self.diff
-            W = (_bits(W) + c).to(_INT[self.dtype]).view(self.dtype)
-        return W.view(current.shape).to(device=current.device, dtype=current.dtype)
+        exact = current.dtype in _WIDENS[self.dtype]  # W_res unchanged by any cast since attach: apply corrections
+        out = torch.empty(current.numel(), dtype=self.dtype)
+        if exact:
+            code = torch.stack([self.codes & 15, self.codes >> 4], 1).flatten()
+            idx = self.idx.long()
+        for lo, hi, w in self._blocks(current.to(self.dtype)):
+            if exact:
+                c = code[lo:hi].long() - _MAX
+                a, b = torch.searchsorted(idx, torch.tensor([lo, hi])).tolist()
+                c[idx[a:b] - lo] = self.diff[a:b]
+                w = (_bits(w) + c).to(_INT[self.dtype]).view(self.dtype)
+            out[lo:hi] = w
+        return out.view(current.shape).to(device=current.device, dtype=current.dtype)
 
     def nbytes(self) -> int:
         ts = (self.dense, self.L, self.R, self.codes, self.idx, self.diff)
