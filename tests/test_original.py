@@ -49,6 +49,22 @@ def test_compact_is_chosen_and_small_with_exceptions_listed() -> None:
     assert torch.equal(o.weight(W_res), W0)
 
 
+@pytest.mark.parametrize("shape", [(300, 1000), (12, 2**17 + 5)])  # 131-row blocks and a 38-row tail; 1 row each
+def test_blocked_recompose_equals_whole_matrix_and_restores_across_blocks(shape: tuple[int, int]) -> None:
+    """`_blocks` works a few rows at a time (original.py): the same bits as one whole-matrix pass, and the
+    corrections and exception list land in the right block, including the last, partial one."""
+    W0, W_res, L, R = _split(*shape, r=4, dtype=torch.float32)
+    W0[:, -3:] = 1e-12  # exceptions in every block (every row), up to the last entry
+    W_res = (W0.double() - L @ R).float()
+    o = Original.compact(W0, W_res, L, R)
+    assert o.dense is None and o.idx.numel() >= 3 * shape[0] and o.idx[-1] == W0.numel() - 1
+    acc = W_res.double()
+    for k in range(L.shape[1]):
+        acc += L[:, k, None] * R[k]
+    assert torch.equal(o.recompose(W_res), acc.float().flatten())
+    assert torch.equal(o.weight(W_res), W0)
+
+
 def test_dense_fallback_when_compact_would_not_be_smaller() -> None:
     W0, W_res, L, R = _split(8, 8, r=4, dtype=torch.float32)  # fp64 factors alone outweigh the weight
     o = Original.compact(W0, W_res, L, R)
