@@ -5,7 +5,7 @@ targeted, about 13 GB in bf16). We keep what is needed to recompute it exactly i
 
     W = W_res + L R + c · ulp(W)       L R: the rank-r part the variant moved out of W, given by the variant
                                        as two thin factors (pissa: s·B₀ and A₀; antipasto: U diag(S) and Vh)
-                                       c:   a small integer per entry, packed in 4 bits
+                                       c:   a small integer per entry, 0 for most
 
 `recompose` computes W̃ = round(W_res + Σ_k L[:, k] R[k, :]) in float64 on the CPU, one rank-1 update at a
 time in a fixed order, each a separate elementwise multiply and add, so it gives the same bits at attach
@@ -14,12 +14,13 @@ pick FMA or not, and their blocking, by size, alignment and threads).
 
 c = bits(W) − bits(W̃), the difference of the integer views (units in the last place), is 0 for 72–76% of
 the entries of the fp32 weights we measured (all-MiniLM-L6-v2, the benchmark's Llama, r = 8) and |c| ≤ 7
-for 98.5–99%; those are packed two per byte, the rest (entries of W much smaller than the residual's,
-whose ulp is finer) are kept as an (index, difference) list. On the benchmark's Llama that is 10 MiB
-instead of a 48 MiB dense copy: the codes are 1/8 of an fp32 weight (1/4 of a bf16 one), the list and the
-fp64 factors most of the rest. All of it lives in CPU memory, whatever device the model is on (a model on a
-GPU keeps no extra device memory). Where it would not be smaller, or the variant gives no factors, the
-dense copy is kept (on the weight's device).
+for 98.5–99%. A bitmap marks the entries with c ≠ 0 (1 bit per entry); only those get a 4-bit code (c + 7,
+two per byte), and code 15 sends the rare |c| > 7 (entries of W much smaller than the residual's, whose ulp
+is finer) to an exception list of their c, in index order. On the benchmark's Llama that is 6.4 MiB instead
+of a 48 MiB dense copy (10 MiB with a 4-bit code for every entry): bitmap and codes 3 MiB (1/16 of the fp32
+weights; it would be 1/8 of bf16 ones), the fp64 factors 2.4 MiB, the list 1 MiB. All of it lives in CPU
+memory, whatever device the model is on (a model on a GPU keeps no extra device memory). Where it would not
+be smaller, or the variant gives no factors, the dense copy is kept (on the weight's device).
 
 `ll.disabled` / `ll.scaled` need the dense original while they run: `adapter.original_weight` rebuilds it
 on first use and keeps it in the layer's cache (so only models that use them pay for the dense copy).
@@ -56,9 +57,9 @@ class Original:
     dense: torch.Tensor | None = None  # fallback: the original itself
     L: torch.Tensor | None = None  # (d_out, k) float64, CPU; the weight's storage layout (Conv1D: transposed)
     R: torch.Tensor | None = None  # (k, d_in) float64, CPU
-    codes: torch.Tensor | None = None  # uint8, two 4-bit codes per byte
-    idx: torch.Tensor | None = None  # int32 (int64 past 2^31 entries) flat indices of the entries with |c| > 7
-    diff: torch.Tensor | None = None  # int64, their c
+    nonzero: torch.Tensor | None = None  # uint8 bitmap, 1 bit per entry (LSB first): c != 0
+    codes: torch.Tensor | None = None  # uint8, two 4-bit codes per byte (c + 7, or 15), for the entries with c != 0
+    diff: torch.Tensor | None = None  # int64, c of the entries with code 15 (|c| > 7), in index order
 
     @classmethod
     def dense_copy(cls, W0: torch.Tensor) -> Original:
@@ -75,18 +76,24 @@ class Original:
             return dense
         o = cls(W0.dtype, finite, L=L.detach().to("cpu", torch.float64), R=R.detach().to("cpu", torch.float64))
         W0 = W0.detach().cpu().reshape(-1)
-        code = torch.zeros(W0.numel() + W0.numel() % 2, dtype=torch.uint8)
-        idx, diff = [], []
+        nonzero = torch.zeros(-(-W0.numel() // 8) * 8, dtype=torch.bool)
+        code, diff = [], []
         for lo, hi, w in o._blocks(W_res):  # block by block: every temporary stays in the CPU's cache
             c = _bits(W0[lo:hi]) - _bits(w)  # exact: int64 difference of the integer views
+            nz = c != 0
+            nonzero[lo:hi] = nz
+            c = c[nz]
             far = c.abs() > _MAX
-            code[lo:hi] = torch.where(far, 2 * _MAX + 1, c + _MAX)
-            j = far.nonzero().squeeze(1)
-            idx.append(j + lo)
-            diff.append(c[j])
-        o.idx = torch.cat(idx).to(torch.int32 if W0.numel() < 2**31 else torch.int64)
-        o.diff = torch.cat(diff)
+            code.append(torch.where(far, 2 * _MAX + 1, c + _MAX).to(torch.uint8))
+            diff.append(c[far])
+        o.nonzero = (nonzero.view(-1, 8).to(torch.uint8) << torch.arange(8, dtype=torch.uint8)).sum(
+            1, dtype=torch.uint8
+        )
+        code = torch.cat(code)
+        if code.numel() % 2:
+            code = torch.cat([code, code.new_zeros(1)])
         o.codes = code[0::2] | (code[1::2] << 4)
+        o.diff = torch.cat(diff)
         return o if o.nbytes() < W0.numel() * W0.element_size() else dense
 
     def _blocks(self, W_res: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -126,19 +133,26 @@ class Original:
         exact = current.dtype in _WIDENS[self.dtype]  # W_res unchanged by any cast since attach: apply corrections
         out = torch.empty(current.numel(), dtype=self.dtype)
         if exact:
+            nonzero = ((self.nonzero[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten().bool()
             code = torch.stack([self.codes & 15, self.codes >> 4], 1).flatten()
-            idx = self.idx.long()
+            at = far = 0  # codes and exception-list entries used by the blocks so far
         for lo, hi, w in self._blocks(current.to(self.dtype)):
             if exact:
-                c = code[lo:hi].long() - _MAX
-                a, b = torch.searchsorted(idx, torch.tensor([lo, hi])).tolist()
-                c[idx[a:b] - lo] = self.diff[a:b]
+                nz = nonzero[lo:hi]
+                c = torch.zeros(hi - lo, dtype=torch.int64)
+                cz = code[at : at + int(nz.sum())].long() - _MAX
+                at += cz.numel()
+                escape = cz == _MAX + 1  # code 15: c is the next entry of the exception list
+                n_far = int(escape.sum())
+                cz[escape] = self.diff[far : far + n_far]
+                far += n_far
+                c[nz] = cz
                 w = (_bits(w) + c).to(_INT[self.dtype]).view(self.dtype)
             out[lo:hi] = w
         return out.view(current.shape).to(device=current.device, dtype=current.dtype)
 
     def nbytes(self) -> int:
-        ts = (self.dense, self.L, self.R, self.codes, self.idx, self.diff)
+        ts = (self.dense, self.L, self.R, self.nonzero, self.codes, self.diff)
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
