@@ -16,11 +16,12 @@ c = bits(W) − bits(W̃), the difference of the integer views (units in the las
 the entries of the fp32 weights we measured (all-MiniLM-L6-v2, the benchmark's Llama, r = 8) and |c| ≤ 7
 for 98.5–99%. A bitmap marks the entries with c ≠ 0 (1 bit per entry); only those get a 4-bit code (c + 7,
 two per byte), and code 15 sends the rare |c| > 7 (entries of W much smaller than the residual's, whose ulp
-is finer) to an exception list of their c, in index order. On the benchmark's Llama that is 6.4 MiB instead
+is finer) to an exception list of their c, in index order. On the benchmark's Llama that is 4.7 MiB instead
 of a 48 MiB dense copy (10 MiB with a 4-bit code for every entry): bitmap and codes 3 MiB (1/16 of the fp32
-weights; it would be 1/8 of bf16 ones), the fp64 factors 2.4 MiB, the list 1 MiB. All of it lives in CPU
-memory, whatever device the model is on (a model on a GPU keeps no extra device memory). Where it would not
-be smaller, or the variant gives no factors, the dense copy is kept (on the weight's device).
+weights; it would be 1/8 of bf16 ones), the factors 1.2 MiB (float32 where that is exact, else float64),
+the list 0.5 MiB. All of it lives in CPU memory, whatever device the model is on (a model on a GPU keeps no
+extra device memory). Where it would not be smaller, or the variant gives no factors, the dense copy is
+kept (on the weight's device).
 
 `ll.disabled` / `ll.scaled` need the dense original while they run: `adapter.original_weight` rebuilds it
 on first use and keeps it in the layer's cache (so only models that use them pay for the dense copy).
@@ -55,11 +56,11 @@ class Original:
     dtype: torch.dtype
     finite: bool  # the original had no NaN/inf (attach checks that the rewritten weight has none either)
     dense: torch.Tensor | None = None  # fallback: the original itself
-    L: torch.Tensor | None = None  # (d_out, k) float64, CPU; the weight's storage layout (Conv1D: transposed)
-    R: torch.Tensor | None = None  # (k, d_in) float64, CPU
+    L: torch.Tensor | None = None  # (d_out, k) float64 (float32 if exact), CPU; the weight's storage layout
+    R: torch.Tensor | None = None  # (k, d_in) float64 (float32 if exact), CPU                (Conv1D: transposed)
     nonzero: torch.Tensor | None = None  # uint8 bitmap, 1 bit per entry (LSB first): c != 0
     codes: torch.Tensor | None = None  # uint8, two 4-bit codes per byte (c + 7, or 15), for the entries with c != 0
-    diff: torch.Tensor | None = None  # int64, c of the entries with code 15 (|c| > 7), in index order
+    diff: torch.Tensor | None = None  # int32 (int64 if needed), c of the entries with code 15 (|c| > 7), in order
 
     @classmethod
     def dense_copy(cls, W0: torch.Tensor) -> Original:
@@ -74,7 +75,7 @@ class Original:
         dense = cls(W0.dtype, finite, dense=W0)  # the fallback: the runtime passes its own private copy of W
         if W0.dtype not in _INT or W0.shape != W_res.shape or W_res.dtype != W0.dtype:
             return dense
-        o = cls(W0.dtype, finite, L=L.detach().to("cpu", torch.float64), R=R.detach().to("cpu", torch.float64))
+        o = cls(W0.dtype, finite, L=_thin(L), R=_thin(R))
         W0 = W0.detach().cpu().reshape(-1)
         nonzero = torch.zeros(-(-W0.numel() // 8) * 8, dtype=torch.bool)
         code, diff = [], []
@@ -94,6 +95,8 @@ class Original:
             code = torch.cat([code, code.new_zeros(1)])
         o.codes = code[0::2] | (code[1::2] << 4)
         o.diff = torch.cat(diff)
+        if o.diff.numel() == 0 or o.diff.abs().max() < 2**31:
+            o.diff = o.diff.to(torch.int32)  # int64 only when some |c| needs it (a sign flip of an fp32 entry)
         return o if o.nbytes() < W0.numel() * W0.element_size() else dense
 
     def _blocks(self, W_res: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -108,6 +111,7 @@ class Original:
         src = W_res.detach().to("cpu")
         n_rows, n_cols = self.L.shape[0], self.R.shape[1]
         src = src.reshape(n_rows, n_cols)
+        L, R = self.L.double(), self.R.double()  # (kept in fp32 when that is exact: `_thin`)
         step = max(1, _BLOCK // n_cols)
         acc = torch.empty(min(step, n_rows), n_cols, dtype=torch.float64)
         tmp = torch.empty_like(acc)
@@ -115,8 +119,8 @@ class Original:
             j = min(i + step, n_rows)
             a, t = acc[: j - i], tmp[: j - i]
             a.copy_(src[i:j])
-            for k in range(self.L.shape[1]):
-                torch.mul(self.L[i:j, k, None], self.R[k], out=t)
+            for k in range(L.shape[1]):
+                torch.mul(L[i:j, k, None], R[k], out=t)
                 a.add_(t)
             yield i * n_cols, j * n_cols, a.to(self.dtype).flatten()
 
@@ -144,7 +148,7 @@ class Original:
                 at += cz.numel()
                 escape = cz == _MAX + 1  # code 15: c is the next entry of the exception list
                 n_far = int(escape.sum())
-                cz[escape] = self.diff[far : far + n_far]
+                cz[escape] = self.diff[far : far + n_far].long()
                 far += n_far
                 c[nz] = cz
                 w = (_bits(w) + c).to(_INT[self.dtype]).view(self.dtype)
@@ -154,6 +158,14 @@ class Original:
     def nbytes(self) -> int:
         ts = (self.dense, self.L, self.R, self.nonzero, self.codes, self.diff)
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _thin(F: torch.Tensor) -> torch.Tensor:
+    """A factor on the CPU in float64, or in float32 where that holds it exactly (pissa's A₀, and s·B₀ for a
+    power-of-two s; antipasto's Vh): half the bytes, the same values."""
+    F64 = F.detach().to("cpu", torch.float64)
+    F32 = F64.float()
+    return F32 if torch.equal(F32.double(), F64) else F64
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
