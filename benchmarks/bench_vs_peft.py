@@ -244,6 +244,7 @@ def build(label: str, case: Case | None, template: torch.nn.Module, size: Size, 
 
 
 EVA_CAP_S = 60.0
+INIT_REPEATS = 3  # PiSSA init comparison: median of this many attaches per library and mode
 
 
 class _Timeout(Exception):
@@ -342,7 +343,7 @@ def pissa_fast_vs_exact(
     """
     from peft import get_peft_model
 
-    out: dict[str, Any] = {"model": label, "niter": niter}
+    out: dict[str, Any] = {"model": label, "niter": niter, "repeats": INIT_REPEATS}
 
     def delta_ours(m) -> dict[str, torch.Tensor]:
         return {n: layer._lora_lite.scale * layer.lora_B @ layer.lora_A for n, layer in ll.targets(m).items()}
@@ -359,13 +360,17 @@ def pissa_fast_vs_exact(
         if lib == "ours" and "pissa" not in ll.REGISTRY:
             continue
         for mode in ("exact", "fast"):
-            model = copy.deepcopy(template)
-            t0 = time.perf_counter()
-            if lib == "ours":
-                ll.attach(model, ours_cfg_fn(**({"variant_kwargs": {"svd_niter": niter}} if mode == "fast" else {})))
-            else:
-                model = get_peft_model(model, peft_cfg_fn(f"pissa_niter_{niter}" if mode == "fast" else "pissa"))
-            out[f"{lib}_{mode}_init_s"] = time.perf_counter() - t0
+            times = []
+            for _ in range(INIT_REPEATS):  # the median of a few: one attach is a short, noisy measurement
+                model = copy.deepcopy(template)
+                t0 = time.perf_counter()
+                if lib == "ours":
+                    kw = {"variant_kwargs": {"svd_niter": niter}} if mode == "fast" else {}
+                    ll.attach(model, ours_cfg_fn(**kw))
+                else:
+                    model = get_peft_model(model, peft_cfg_fn(f"pissa_niter_{niter}" if mode == "fast" else "pissa"))
+                times.append(time.perf_counter() - t0)
+            out[f"{lib}_{mode}_init_s"] = statistics.median(times)
             with torch.no_grad():
                 deltas[(lib, mode)] = (delta_ours if lib == "ours" else delta_peft)(model)
             del model
@@ -622,7 +627,8 @@ def markdown(res: dict[str, Any]) -> str:
     for pz in res.get("pissa_fast_init") or []:
         lines += [
             "",
-            f"PiSSA init on {pz['model']}, exact SVD vs randomized (niter={pz['niter']}): seconds, and the fast "
+            f"PiSSA init on {pz['model']}, exact SVD vs randomized (niter={pz['niter']}): seconds (median of "
+            f"{pz.get('repeats', 1)} attaches), and the fast "
             "factor's error per layer (worst / median over layers): ‖sBA_fast − sBA_exact‖_F / ‖sBA_exact‖_F, and "
             "the fraction of the exact factor's energy ‖sBA‖²_F that the fast one captures.",
             "",
