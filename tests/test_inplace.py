@@ -151,3 +151,34 @@ def test_torch_func_per_sample_gradients_and_double_backward(variant: str) -> No
     (gx,) = torch.autograd.grad(m(xg).sum(), xg, create_graph=True)
     gx.pow(2).sum().backward()
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+class _FlatBuffer(nn.Module):
+    """Linear-like, but its output is a view of a flat (1-D) result: not a layout the in-place path can use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_features, self.out_features = 16, 24
+        self.weight = nn.Parameter(torch.randn(24, 16))
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.weight.T).flatten().clone().view(*x.shape[:-1], 24)  # y views a 1-D tensor
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "delora"])
+def test_output_viewing_a_flat_result_takes_the_out_of_place_path(variant: str) -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(_FlatBuffer())
+    x = torch.randn(3, 5, 16)
+    ll.attach(m, ll.LoraLiteConfig(variant=variant, r=4, target_names=(r"^0$",)))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    y, g = _grads(m, x)
+    ref = nn.Linear(16, 24, bias=False)
+    with torch.no_grad():
+        ref.weight.copy_(ll.merged_state_dict(m)["0.weight"])
+    assert torch.allclose(y, ref(x), rtol=1e-5, atol=1e-6)
+    assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in g.values())

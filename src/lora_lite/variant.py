@@ -182,15 +182,14 @@ def add_lowrank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, inplace: bool
 
 def _own_storage(y: torch.Tensor) -> torch.Tensor | None:
     """The tensor to update in place for y: y itself, or (F.linear with a bias on batched input) the 2-D
-    result y views with the same layout; None for any other view or a non-contiguous y."""
+    result y views with the same layout and last dimension; None for any other view or a non-contiguous y."""
     if not y.is_contiguous():
         return None
     base = y._base
     if base is None:
         return y
-    if base._base is None and base.is_contiguous() and base.numel() == y.numel() and base.data_ptr() == y.data_ptr():
-        return base
-    return None
+    same = base.numel() == y.numel() and base.data_ptr() == y.data_ptr() and base.shape[-1] == y.shape[-1]
+    return base if same and base._base is None and base.is_contiguous() else None
 
 
 class _LowRank(torch.autograd.Function):
