@@ -7,7 +7,7 @@ targeted, about 13 GB in bf16). We keep what is needed to recompute it exactly i
                                        as two thin factors (pissa: s·B₀ and A₀; antipasto: U diag(S) and Vh)
                                        c:   a small integer per entry, 0 for most
 
-`recompose` computes W̃ = round(W_res + Σ_k L[:, k] R[k, :]) in float64 on the CPU, one rank-1 update at a
+`_blocks` computes W̃ = round(W_res + Σ_k L[:, k] R[k, :]) in float64 on the CPU, one rank-1 update at a
 time in a fixed order, each a separate elementwise multiply and add, so it gives the same bits at attach
 and at detach whatever the device, thread count or memory alignment (a BLAS product may not: its kernels
 pick FMA or not, and their blocking, by size, alignment and threads).
@@ -123,10 +123,6 @@ class Original:
                 torch.mul(L[i:j, k, None], R[k], out=t)
                 a.add_(t)
             yield i * n_cols, j * n_cols, a.to(self.dtype).flatten()
-
-    def recompose(self, W_res: torch.Tensor) -> torch.Tensor:
-        """round(W_res + L R) in the original dtype, flat, on the CPU (see `_blocks`)."""
-        return torch.cat([w for _, _, w in self._blocks(W_res)])
 
     def weight(self, current: torch.Tensor) -> torch.Tensor:
         """The original weight in `current`'s dtype, device and shape; `current` is the (rewritten) weight now."""
