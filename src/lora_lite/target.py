@@ -112,7 +112,7 @@ def all_finite(t: torch.Tensor) -> bool:
 def fingerprint(m: nn.Module) -> str:
     """sha256 of the weight's raw bytes (exact: any changed bit changes it)."""
     t = m.weight.detach().cpu().contiguous()
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
+    return hashlib.sha256(t.view(torch.uint8).reshape(-1).numpy()).hexdigest()[:32]  # (hashes the buffer, no copy)
 
 
 def model_width(model: nn.Module) -> int:
