@@ -44,6 +44,11 @@ def test_compact_is_chosen_and_small_with_exceptions_listed() -> None:
     W0[3, :40] = 1e-12  # far below the residual's ulp: these need the exception list
     W_res = (W0.double() - L @ R).float()
     o = Original.compact(W0, W_res, L, R)
+    # every kept tensor is in torch's own allocator, not a numpy buffer wrapped by from_numpy (whose storage is
+    # not resizable), so torch's memory accounting (the benchmark's peak, the profiler) sees these bytes; and
+    # it owns no more than its own elements (a factor that views a whole SVD output would keep all of it)
+    for t in (o.L, o.R, o.nonzero, o.codes, o.diff):
+        assert t.untyped_storage().resizable() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
     assert o.dense is None and o.diff.numel() >= 40
     assert o.nbytes() < W0.numel() * W0.element_size() / 4  # 4-bit codes + thin fp64 factors + a short list
     assert torch.equal(o.weight(W_res), W0)

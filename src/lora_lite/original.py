@@ -95,12 +95,13 @@ class Original:
             far = cc == 15
             if far.any():
                 diff.append(c[far])
-        o.nonzero = torch.from_numpy(np.packbits(nonzero, bitorder="little"))  # LSB first, zero-padded
+        # (cloned into torch's allocator, which the benchmark's memory count and torch's own tools can see)
+        o.nonzero = torch.from_numpy(np.packbits(nonzero, bitorder="little")).clone()  # LSB first, zero-padded
         code = np.concatenate(code)
         if code.size % 2:
             code = np.append(code, np.uint8(0))
-        o.codes = torch.from_numpy(code[0::2] | (code[1::2] << 4))
-        o.diff = torch.from_numpy(np.concatenate(diff) if diff else np.zeros(0, np.int64))
+        o.codes = torch.from_numpy(code[0::2] | (code[1::2] << 4)).clone()
+        o.diff = torch.from_numpy(np.concatenate(diff) if diff else np.zeros(0, np.int64)).clone()
         if o.diff.numel() == 0 or o.diff.abs().max() < 2**31:
             o.diff = o.diff.to(torch.int32)  # int64 only when some |c| needs it (a sign flip of an fp32 entry)
         return o if o.nbytes() < W0.numel() * W0.element_size() else dense
@@ -173,7 +174,7 @@ class Original:
 def _thin(F: torch.Tensor) -> torch.Tensor:
     """A factor on the CPU in float64, or in float32 where that holds it exactly (pissa's A₀, and s·B₀ for a
     power-of-two s; antipasto's Vh): half the bytes, the same values."""
-    F64 = F.detach().to("cpu", torch.float64)
+    F64 = F.detach().to("cpu", torch.float64, copy=True)  # a copy: never a view of a larger tensor or a live parameter
     F32 = F64.float()
     return F32 if torch.equal(F32.double(), F64) else F64
 
