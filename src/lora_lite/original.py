@@ -102,9 +102,10 @@ class Original:
         if code.size % 2:
             code = np.append(code, np.uint8(0))
         o.codes = torch.from_numpy(code[0::2] | (code[1::2] << 4)).clone()
-        o.diff = torch.from_numpy(np.concatenate(diff) if diff else np.zeros(0, np.int64)).clone()
-        if o.diff.numel() == 0 or o.diff.abs().max() < 2**31:
-            o.diff = o.diff.to(torch.int32)  # int64 only when some |c| needs it (a sign flip of an fp32 entry)
+        diff = np.concatenate(diff) if diff else np.zeros(0, np.int64)
+        if diff.size == 0 or np.abs(diff).max() < 2**31:
+            diff = diff.astype(np.int32)  # int64 only when some |c| needs it (a sign flip of an fp32 entry)
+        o.diff = torch.from_numpy(diff).clone()
         return o if o.nbytes() < W0.numel() * W0.element_size() else dense
 
     def _blocks(self, W_res: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
