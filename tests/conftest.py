@@ -9,7 +9,8 @@ init, `ll.disabled`, `detach`) then failed although the adapter was exact: caugh
 test_original.py (`nn.Tanh` between two pissa layers), where the rebuilt weights were bit-identical and
 only the reference `base = model(x)` was off. Not reproduced in 100 fresh processes outside pytest; a
 torch/MKL behaviour, not lora-lite's. Calling each VML function once per thread before any test runs
-takes that first call out of every comparison.
+takes that first call out of every comparison: test_original.py failed in 3 of 74 runs without this
+warm-up and in 0 of 150 with it (two runs at a time on the 2 cores, as when it was first seen).
 """
 
 from __future__ import annotations
