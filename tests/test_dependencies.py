@@ -63,6 +63,11 @@ for v in sorted(ll.REGISTRY):
 """
 
 
+def _canonical(name: str) -> str:
+    """A distribution name as packaging compares them (PEP 503: runs of -, _ and . become -, lower case)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _requirement_names(reqs: list[str] | None) -> list[str]:
     """Distribution names of the unconditional requirements (markers that name an extra are left out)."""
     return [re.match(r"[A-Za-z0-9._-]+", r).group(0) for r in reqs or () if "extra ==" not in r]
@@ -72,7 +77,7 @@ def _declared_closure() -> set[str]:
     todo = _requirement_names(metadata.requires("lora-lite"))  # the installed metadata: what pip gives a user
     seen: set[str] = set()
     while todo:
-        name = todo.pop().lower().replace("_", "-")
+        name = _canonical(todo.pop())
         if name in seen:
             continue
         seen.add(name)
@@ -86,7 +91,7 @@ def _declared_closure() -> set[str]:
 def _link_distributions(names: set[str], into: Path) -> None:
     """Symlink the top-level files and folders of the installed distributions `names` into `into`."""
     for dist in metadata.distributions():
-        if dist.metadata["Name"].lower().replace("_", "-") not in names:
+        if _canonical(dist.metadata["Name"]) not in names:
             continue
         for top in {f.parts[0] for f in dist.files or () if f.parts[0] != ".."}:
             src, dst = Path(dist.locate_file(top)), into / top
