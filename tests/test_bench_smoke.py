@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/bench_vs_peft.py --quick: it runs end to end and writes complete results.
+"""Smoke tests of benchmarks/bench_vs_peft.py and fused_ceiling.py --quick: they run end to end and write complete results.
 
 No timing assertions (timings on a shared CI machine mean nothing); only that every field is there,
 finite and consistent (same trainable-parameter count as peft, ratios = medians of the per-round quotients
@@ -20,10 +20,11 @@ pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_peft.py"
+FUSED = BENCH.with_name("fused_ceiling.py")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_vs_peft", BENCH)
+def _load(path: Path = BENCH):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
@@ -60,3 +61,27 @@ def test_quick_benchmark_writes_complete_results(tmp_path) -> None:
     for lib in ("ours", "peft"):
         assert 0 <= pz[f"{lib}_fast_rel_err_median"] <= pz[f"{lib}_fast_rel_err"] < 2
         assert 0 < pz[f"{lib}_fast_energy"] <= pz[f"{lib}_fast_energy_median"] <= 1.0 + 1e-4
+
+
+def test_fused_ceiling_prototype_matches_lora_lite_and_reports(tmp_path) -> None:
+    fc = _load(FUSED)
+    res = fc.main(["--quick", "--rounds", "2", "--threads", "1", "--out", str(tmp_path)])
+    assert res["check_worst_rel_grad_diff"] < 1e-5  # same math as lora-lite, to fp32 rounding (seen: 4e-7)
+    assert json.loads((tmp_path / "fused_ceiling_quick.json").read_text())["over_base"] == res["over_base"]
+    assert (tmp_path / "fused_ceiling_quick.md").read_text().count("| fused |") == 1
+    times = res["step_s_all"]
+    assert set(times) == {"base", "ours", "peft", "fused"} and all(len(v) == 2 for v in times.values())
+    for k, r in res["over_base"].items():
+        assert math.isclose(r, statistics.median(a / b for a, b in zip(times[k], times["base"], strict=True)))
+
+
+def test_fused_ceiling_check_catches_a_wrong_prototype(monkeypatch) -> None:
+    fc = _load(FUSED)
+    right = fc._FusedLoRA.backward
+
+    def wrong(ctx, g):  # A's gradient off by a factor 2
+        gx, gA, gB, *rest = right(ctx, g)
+        return gx, 2 * gA, gB, *rest
+
+    monkeypatch.setattr(fc._FusedLoRA, "backward", staticmethod(wrong))
+    assert fc.check(fc.bench.QUICK) > 0.4
