@@ -68,13 +68,17 @@ def attached_model(variant: str, rank: int = 0, world: int = 1, calibration_data
     return model
 
 
-def shard(model, mesh) -> None:
-    """FSDP2: each decoder layer is its own unit, then the root (embeddings, norm, lm_head)."""
+def shard(model, mesh, ignored: bool = True) -> None:
+    """FSDP2: each decoder layer is its own unit, then the root (embeddings, norm, lm_head).
+
+    As the README says: `ignored_params=ll.fsdp_ignored_params(model)` (delora's 0-dim λ; empty otherwise).
+    `ignored=False`: plain `fully_shard`, which refuses 0-dim parameters."""
     from torch.distributed.fsdp import fully_shard
 
+    kw = {"ignored_params": ll.fsdp_ignored_params(model)} if ignored else {}
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -111,6 +115,23 @@ def train(variant: str, engine: str | None = None, rank: int = 0, world: int = 1
         opt.step()
         opt.zero_grad()
     return wrapped, model
+
+
+def scalar_grads(rank: int = 0, world: int = 1, mesh=None) -> dict[str, torch.Tensor]:
+    """delora's 0-dim λ gradients after 2 backward passes (accumulated, as with gradient accumulation) on
+    batches 0 and 1, this rank's slice of them: under FSDP2 (`mesh` given, with `ll.fsdp_ignored_params`),
+    else in this process alone (world=1: the whole batches)."""
+    model = attached_model("delora", rank, world)
+    model.train()
+    torch.manual_seed(5)
+    with torch.no_grad():  # B != 0, or λ has no gradient yet (the update is λ·(…)·Bᵀ)
+        for layer in ll.targets(model).values():
+            layer.lora_B.normal_(std=0.1)
+    if mesh is not None:
+        shard(model, mesh)
+    for step in range(2):
+        lm_loss(model, step_batch(step, rank, world)).backward()
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.dim() == 0}
 
 
 # ---------------------------------------------------------------- what each rank runs
@@ -160,6 +181,13 @@ def _run_rank(rank: int, world: int, outdir: Path, variants: list[str]) -> dict[
                 shard(fresh, mesh)
                 with torch.no_grad():
                     res[f"{v}/fsdp2/loaded_logits"] = fresh(eval_ids()).logits.detach().clone()
+    if "delora" in variants:  # without fsdp_ignored_params: torch refuses λ before any collective
+        try:
+            shard(attached_model("delora", rank, world), mesh, ignored=False)
+        except ValueError as e:
+            refused["delora/fsdp2-plain"] = f"{type(e).__name__}: {e}"
+        for k, g in scalar_grads(rank, world, mesh).items():
+            res[f"delora/fsdp2/grad/{k}"] = g
     if "eva" in variants:  # A right after attach: from this rank's shard (summed over ranks), and from all data
         for case, calib in (("shard", calibration(rank, world)), ("same", calibration())):
             model = attached_model("eva", calibration_data=calib)

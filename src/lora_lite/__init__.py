@@ -14,6 +14,7 @@ from .adapter import (
     targets,
 )
 from .config import ConfigError, LoraLiteConfig
+from .distributed import fsdp_ignored_params
 from .merge import merge, merged_state_dict
 from .peft_io import export_peft, import_peft
 from .steer import disabled, scaled
@@ -38,6 +39,7 @@ __all__ = [
     "disabled",
     "export_peft",
     "find_targets",
+    "fsdp_ignored_params",
     "import_peft",
     "is_attached",
     "load",
