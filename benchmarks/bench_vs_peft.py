@@ -291,6 +291,23 @@ def step(arm: Arm, ids: torch.Tensor) -> None:
         arm.opt.step()
 
 
+def time_rounds(arms: list[Arm], ids: torch.Tensor, warmup: int, rounds: int, rng: random.Random) -> None:
+    """One train step per arm per round, in a fresh random order each round; after `warmup` rounds, append
+    each step's wall and CPU seconds to its arm's `times` and `cpu`."""
+    t_start = time.perf_counter()
+    for rnd in range(warmup + rounds):
+        order = list(range(len(arms)))
+        rng.shuffle(order)
+        for i in order:
+            c0, t0 = time.process_time(), time.perf_counter()
+            step(arms[i], ids)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if rnd >= warmup:
+                arms[i].times.append(dt)
+                arms[i].cpu.append(dc)
+        print(f"round {rnd + 1}/{warmup + rounds} done ({time.perf_counter() - t_start:.0f}s)", file=sys.stderr)
+
+
 def peak_memory(label: str, case: Case | None, template, size: Size, calib, ids) -> tuple[int, int]:
     """Peak bytes held by torch's CPU allocator: (while training, while attaching), from one profiled build.
 
@@ -451,19 +468,8 @@ def _run(
         arms.append(build(label, case, template, size, calib))
         print(f"built {label:4s} {arms[-1].variant:10s} init {arms[-1].init_s:7.3f}s", file=sys.stderr)
 
-    rng = random.Random(seed)
     t_start = time.perf_counter()
-    for rnd in range(warmup + rounds):
-        order = list(range(len(arms)))
-        rng.shuffle(order)
-        for i in order:
-            c0, t0 = time.process_time(), time.perf_counter()
-            step(arms[i], ids)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            if rnd >= warmup:
-                arms[i].times.append(dt)
-                arms[i].cpu.append(dc)
-        print(f"round {rnd + 1}/{warmup + rounds} done ({time.perf_counter() - t_start:.0f}s)", file=sys.stderr)
+    time_rounds(arms, ids, warmup, rounds, random.Random(seed))
 
     # memory pass after timing, one model at a time, only that model alive besides the template
     keep = [(a.label, a.variant, a.init_s, a.trainable, a.times, a.cpu, a.capped) for a in arms]

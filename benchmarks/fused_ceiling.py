@@ -35,7 +35,6 @@ import math
 import random
 import statistics
 import sys
-import time
 from importlib.metadata import version as _version
 from pathlib import Path
 from typing import Any
@@ -169,16 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = [p for p in fused.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     arms["fused"] = bench.Arm("fused", "lora", fused, opt, 0.0, sum(p.numel() for p in params))
-    times: dict[str, list[float]] = {k: [] for k in arms}
-    warmup = 1 if a.quick else 2
-    for i in range(warmup + rounds):
-        order = list(arms)
-        random.shuffle(order)
-        for k in order:
-            t0 = time.perf_counter()
-            bench.step(arms[k], ids)
-            if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
+    bench.time_rounds(list(arms.values()), ids, 1 if a.quick else 2, rounds, random.Random(0))
+    times = {k: arm.times for k, arm in arms.items()}
 
     def ratio(k: str, ref: str) -> float:
         return bench._paired(times[k], times[ref])
