@@ -79,6 +79,51 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(key: str, reent
         assert got[n].abs().sum() > 0, n
 
 
+def _checkpointed(key: str, reentrant: bool):
+    model = _attached(key).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    return model
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("key", ["lora", "hra", "pissa"])
+@pytest.mark.parametrize("steer", ["scaled", "disabled"])
+def test_checkpointing_with_backward_outside_the_steering_block_raises(key: str, reentrant: bool, steer: str) -> None:
+    """The recompute in backward would run with the state restored on exit: wrong gradients. It raises instead."""
+    model, ids = _checkpointed(key, reentrant), llama_batch()
+
+    def block():
+        return ll.scaled(model, 0.5) if steer == "scaled" else ll.disabled(model)
+
+    with block():
+        loss = lm_loss(model, ids)
+    if not loss.requires_grad:  # disabled pissa: nothing in the graph requires grad (pissa rewrites no input)
+        return
+    want = "scaled by c=0.5" if steer == "scaled" else r"disabled \(ll.disabled\)"
+    with pytest.raises(ll.AdapterError, match=rf"recomputed during backward with the adapter on, .* {want}"):
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    with block():  # the fix the message gives: backward inside the block
+        lm_loss(model, ids).backward()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_checkpointing_with_backward_inside_the_scaled_block_matches_no_checkpointing(reentrant: bool) -> None:
+    ids = llama_batch()
+    ref = _attached("lora").train()
+    with ll.scaled(ref, 0.5):
+        lm_loss(ref, ids).backward()
+    model = _checkpointed("lora", reentrant)
+    with ll.scaled(model, 0.5):
+        lm_loss(model, ids).backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(got[n], p.grad, rtol=1e-5, atol=1e-7), n
+
+
 # ---------------------------------------------------------------- transformers.Trainer
 
 

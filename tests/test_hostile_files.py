@@ -188,6 +188,23 @@ def test_config_for_another_model_is_refused(tmp_path, good) -> None:
     _refused(_write(tmp_path / "bad.safetensors", tensors, meta), "does not fit this model.*no module matched")
 
 
+@pytest.mark.parametrize("variant", ["pissa", "antipasto"])
+@pytest.mark.parametrize("drop", ["all", "one"])
+def test_rewriting_variant_without_fingerprint_is_refused(tmp_path, variant: str, drop: str) -> None:
+    """pissa/antipasto re-derive W_res from the base: a file missing a layer's fingerprint must not load
+    onto an unchecked (e.g. different) base."""
+    m = Toy()
+    ll.attach(m, _cfg(variant=variant))
+    tensors, meta = _read(ll.save(m, tmp_path / "good.safetensors"))
+    fps = json.loads(meta["fingerprints"])
+    gone = sorted(fps)[0]
+    meta["fingerprints"] = json.dumps({} if drop == "all" else {k: v for k, v in fps.items() if k != gone})
+    bad = _write(tmp_path / "bad.safetensors", tensors, meta)
+    _refused(bad, "fingerprint", model=Toy(seed=1))  # another base: a missing or a differing fingerprint
+    only = gone if drop == "one" else ""  # on the right base too: the file is damaged, and says where
+    _refused(bad, rf"no base-weight fingerprint for {only}", model=Toy())
+
+
 # ---------------------------------------------------------------- tensors
 
 

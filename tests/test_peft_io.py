@@ -178,3 +178,60 @@ def test_import_refuses_wrong_model_and_missing_files(tmp_path) -> None:
         ll.import_peft(tiny_llama(), tmp_path)
     with pytest.raises(ll.LoadError, match="not a peft adapter directory"):
         ll.import_peft(tiny_llama(), tmp_path / "nowhere")
+
+
+def _damage(path, how: str) -> None:
+    conf, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if how == "config not JSON":
+        conf.write_text("{r: 4")
+    elif how == "config a list":
+        conf.write_text("[1, 2]")
+    elif how == "no r":
+        _edit_config(path)
+        c = json.loads(conf.read_text())
+        del c["r"]
+        conf.write_text(json.dumps(c))
+    elif how == "alpha null":
+        _edit_config(path, lora_alpha=None)
+    elif how == "weights truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif how == "NaN in lora_A":
+        from safetensors.torch import load_file, save_file
+
+        ts = load_file(str(weights))
+        k = next(k for k in ts if "lora_A" in k)
+        ts[k][0, 0] = float("nan")
+        save_file(ts, str(weights))
+
+
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        ("config not JSON", r"adapter_config.json is not readable JSON"),
+        ("config a list", r"must hold a JSON object, got list"),
+        ("no r", r"missing or invalid field: KeyError\('r'\)"),
+        ("alpha null", r"missing or invalid field: TypeError"),
+        ("weights truncated", r"adapter_model.safetensors is not a readable safetensors file"),
+        ("NaN in lora_A", r"lora_A contains NaN or inf values; pass allow_nonfinite=True"),
+    ],
+)
+def test_import_damaged_directory_raises_load_error_and_leaves_the_model(how: str, match: str, tmp_path) -> None:
+    ll.export_peft(_ours(EXPORTS["lora"]), tmp_path)
+    _damage(tmp_path, how)
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ll.LoadError, match=match):
+        ll.import_peft(model, tmp_path)
+    assert not ll.is_attached(model) and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    if how == "NaN in lora_A":  # the documented opt-in
+        ll.import_peft(model, tmp_path, allow_nonfinite=True)
+        assert ll.is_attached(model)
+
+
+def test_export_onto_an_existing_file_is_refused(tmp_path) -> None:
+    f = tmp_path / "adapter"
+    f.write_text("not a directory")
+    with pytest.raises(ll.AdapterError, match=r"is a file; peft adapters are directories"):
+        ll.export_peft(_ours(EXPORTS["lora"]), f)
+    assert f.read_text() == "not a directory"

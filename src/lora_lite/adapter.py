@@ -23,9 +23,9 @@ from torch.nn.modules.module import _global_forward_hooks
 from torch.utils.hooks import RemovableHandle
 
 from .config import ConfigError, LoraLiteConfig
-from .original import Original
-from .target import all_finite, dims, find_targets, fingerprint, is_conv1d, is_quantized
-from .variant import ParamSpec, Variant, get_variant
+from .original import _WIDENS, Original
+from .target import all_finite, dims, find_targets, fingerprint, is_conv1d, is_quantized, tensor_hash, weight_sharers
+from .variant import ParamSpec, Variant, for_cache, get_variant
 
 FORMAT = "lora-lite"
 FORMAT_VERSION = "1"
@@ -52,10 +52,12 @@ class _LayerState:
     names: tuple[str, ...]  # the lora_* tensors on this layer
     handle: RemovableHandle | None = None
     original: Original | None = None  # rewriting variants: what restores the weight before attach (original.py)
-    fingerprint: str | None = None
+    fingerprint: str | None = None  # of the base weight before attach (save/load)
+    residual_hash: str | None = None  # of W_res right after init, when `original` needs it to rebuild the weight
     enabled: bool = True
     coef: float = 1.0  # steering coefficient (ll.scaled)
     writable: torch.Tensor | None = None  # during a hook call: the base output, if safe to update in place
+    forward_state: tuple[bool, float] = (True, 1.0)  # (enabled, coef) of the last call outside backward
     cache: dict[str, Any] = field(default_factory=dict)  # variant-private, never saved (e.g. frozen norms)
 
 
@@ -98,8 +100,30 @@ def _saved_config(state: _ModelState) -> LoraLiteConfig:
     return state.cfg if dtype == state.cfg.dtype else dataclasses.replace(state.cfg, dtype=dtype)
 
 
+def _same_state_as_forward(st: _LayerState) -> None:
+    """Gradient checkpointing re-runs a block's forward during backward, with the state (ll.disabled, ll.scaled)
+    of that moment: raise if it differs from the state of the last forward, which it would silently replace."""
+    if torch._C._current_graph_task_id() == -1:  # not inside a backward pass: an ordinary call
+        st.forward_state = (st.enabled, st.coef)
+    elif (st.enabled, st.coef) != st.forward_state:
+        was, now = st.forward_state, (st.enabled, st.coef)
+        raise AdapterError(
+            f"{st.name}: a checkpointed forward is being recomputed during backward with the adapter "
+            f"{_describe(now)}, but the last forward ran with it {_describe(was)}: the gradients would be those "
+            "of the wrong model. With gradient checkpointing, call backward inside the same ll.disabled / "
+            "ll.scaled block as the forward (for a loss over several coefficients: one backward per block, "
+            "the gradients accumulate), or turn checkpointing off. Zero the gradients before retrying."
+        )
+
+
+def _describe(state: tuple[bool, float]) -> str:
+    enabled, coef = state
+    return "disabled (ll.disabled)" if not enabled else ("on" if coef == 1.0 else f"scaled by c={coef:g} (ll.scaled)")
+
+
 def _forward_hook(layer: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | None:
     st: _LayerState = layer._lora_lite
+    _same_state_as_forward(st)
     if not st.enabled:
         return None
     x, dtype = args[0], _adapter_dtype(layer, st)
@@ -132,6 +156,7 @@ def _sole_owner(layer: nn.Module, st: _LayerState, y: torch.Tensor) -> bool:
 
 def _pre_hook(layer: nn.Module, args: tuple) -> tuple | None:
     st: _LayerState = layer._lora_lite
+    _same_state_as_forward(st)
     if not st.enabled:
         return None
     x = args[0]
@@ -161,7 +186,7 @@ class _Target:
 def _plan(model: nn.Module, cfg: LoraLiteConfig) -> list[_Target]:
     """What attach would add, without touching the model."""
     base = get_variant(cfg.variant)
-    plan = []
+    plan, owners = [], None
     for name, layer, role in find_targets(model, cfg):
         variant = base.route(name, role, cfg)
         if variant.rewrites_weight and is_quantized(layer):
@@ -170,6 +195,15 @@ def _plan(model: nn.Module, cfg: LoraLiteConfig) -> list[_Target]:
                 f"but this layer is {type(layer).__name__} with a {layer.weight.dtype} weight. "
                 "Load the base unquantized, or use lora/dora/eva on the quantized base."
             )
+        if variant.rewrites_weight:
+            owners = weight_sharers(model) if owners is None else owners
+            shared = [n for m, n in owners.get(id(layer.weight), {}).items() if m != id(layer)]
+            if shared:
+                raise ConfigError(
+                    f"{name}: variant {variant.name!r} replaces the weight by a residual, but this weight is shared "
+                    f"with {shared} (tied weights), which would change too. Exclude this layer (exclude_names), "
+                    "or untie the weights first."
+                )
         d_in, d_out = dims(layer)
         try:
             specs = variant.param_specs(d_in, d_out, cfg)
@@ -250,6 +284,8 @@ def attach(
                 t.variant.init(t.layer, cfg)
                 if t.variant.rewrites_weight:
                     st.original = _compact_original(t.layer, st.original)
+                    if st.original.dense is None:  # rebuilt from W_res: note which W_res (_check_residual)
+                        st.residual_hash = tensor_hash(t.layer.weight)
         if not _skip_group_init:
             for variant in dict.fromkeys(t.variant for t in plan):
                 if variant.group_init is not None:
@@ -335,13 +371,40 @@ def original_weight(layer: nn.Module) -> torch.Tensor:
     w_res = st.cache.get("w_res", layer.weight.data)  # inside ll.disabled, layer.weight is the original itself
     W0 = st.cache.get("original")
     if W0 is None or W0.dtype != w_res.dtype or W0.device != w_res.device:  # first use, or model.to() since
-        W0 = st.cache["original"] = st.original.weight(w_res)
+        _check_residual(layer)
+        with for_cache():
+            W0 = st.cache["original"] = st.original.weight(w_res)
     return W0
+
+
+def _check_residual(layer: nn.Module) -> None:
+    """Raise if a rewriting variant's W_res is not the one attach wrote (the compact original is rebuilt from it).
+
+    Not checkable after a narrowing cast of the model (`model.half()`), which rounds W_res: then the
+    original is rebuilt to that rounding (original.py).
+    """
+    st: _LayerState = layer._lora_lite
+    if st.residual_hash is None:
+        return
+    w = st.cache.get("w_res", layer.weight.data)
+    if w.is_meta or w.dtype not in _WIDENS[st.original.dtype]:
+        return
+    if tensor_hash(w.to(st.original.dtype)) != st.residual_hash:
+        raise AdapterError(
+            f"{st.name}: layer.weight is no longer the residual W_res that {st.variant.name!r} wrote at attach "
+            "(it was written since, e.g. by load_state_dict of a full checkpoint), so the original base weight "
+            "cannot be rebuilt from it; nothing was changed. To get the base model back, reload it; to keep the "
+            "adapted model as plain weights, use ll.merge(model)."
+        )
 
 
 def detach(model: nn.Module) -> None:
     """Remove every tensor, hook and attribute `attach` added; restore rewritten weights and requires_grad."""
-    _state(model)
+    state = _state(model)
+    for layer in state.layers.values():  # every check before the first change
+        st = layer._lora_lite
+        if st.original is not None and "w_res" not in st.cache and "original" not in st.cache:
+            _check_residual(layer)
     _remove(model)
 
 
@@ -458,6 +521,12 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_nonfinite: bool = F
     except (ValueError, AdapterError) as e:
         raise LoadError(f"adapter {str(path)!r} does not fit this model: {e}") from None
     for t in plan:
+        if t.variant.rewrites_weight and t.name not in fps:
+            raise LoadError(
+                f"adapter {str(path)!r} has no base-weight fingerprint for {t.name}, which variant "
+                f"{t.variant.name!r} needs to re-derive its residual weight; the file is damaged or was not "
+                "written by ll.save. Save the adapter again from the trained model."
+            )
         if t.name in fps:
             now = fingerprint(t.layer)
             if now != fps[t.name]:

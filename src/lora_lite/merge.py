@@ -15,17 +15,13 @@ import torch
 from torch import nn
 
 from .adapter import AdapterError, _remove, targets
-from .target import is_conv1d, is_quantized
+from .target import is_conv1d, is_quantized, weight_sharers
 
 
 def _checked(model: nn.Module) -> dict[str, nn.Module]:
     """The target layers, after every check that could refuse the merge (nothing is changed here)."""
     layers = targets(model)  # raises if nothing is attached
-    owners: dict[int, dict[int, str]] = {}  # id(weight) -> {id(module): name} of every module holding it
-    for name, mod in model.named_modules(remove_duplicate=False):
-        w = getattr(mod, "weight", None)
-        if isinstance(w, torch.Tensor):
-            owners.setdefault(id(w), {})[id(mod)] = name
+    owners = weight_sharers(model)
     for name, layer in layers.items():
         st = layer._lora_lite
         if is_quantized(layer):

@@ -34,7 +34,7 @@ from torch import nn
 
 from .adapter import AdapterError, LoadError, _plan, _state, _write_atomic, attach, detach, targets
 from .config import _DTYPES, LoraLiteConfig
-from .target import dense_weight, is_conv1d, is_linear_like
+from .target import all_finite, dense_weight, is_conv1d, is_linear_like
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -153,6 +153,11 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     base = getattr(getattr(model, "config", None), "_name_or_path", None)
     config.update(base_model_name_or_path=base or None, inference_mode=True, modules_to_save=None)
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AdapterError(
+            f"export_peft: {str(path)!r} is a file; peft adapters are directories (adapter_config.json + "
+            f"{WEIGHTS_NAME}). Pass a directory path"
+        )
     path.mkdir(parents=True, exist_ok=True)
     _write_atomic(tensors, {"format": "pt"}, path / WEIGHTS_NAME, save_file)
     tmp = path / f".{CONFIG_NAME}.tmp"
@@ -263,11 +268,15 @@ def _ia3_plan(pc: dict, tensors: dict, path: Path, dtype) -> tuple[LoraLiteConfi
     return cfg, per
 
 
-def import_peft(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> list[str]:
+def import_peft(
+    model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None, allow_nonfinite: bool = False
+) -> list[str]:
     """Attach a peft LoRA / DoRA / IA3 adapter directory to `model` as lora-lite lora / dora / ia3.
 
     `model` is the plain base model peft's adapter was made for. `dtype`: of the adapter tensors
-    (default: the file's). Returns the targeted layer names. On any error the model is left unchanged.
+    (default: the file's). A damaged directory (unreadable config or weights, a missing field, NaN/inf
+    values unless `allow_nonfinite=True`) raises `LoadError`. Returns the targeted layer names. On any
+    error the model is left unchanged.
     """
     from safetensors.torch import load_file
 
@@ -279,17 +288,36 @@ def import_peft(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype
             f"{str(path)!r} has no {WEIGHTS_NAME} (pickled adapter_model.bin is not read: re-save it with "
             "peft's save_pretrained(safe_serialization=True))"
         )
-    pc = json.loads((path / CONFIG_NAME).read_text())
-    tensors = load_file(str(path / WEIGHTS_NAME))
+    try:
+        pc = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise LoadError(f"{str(path)!r}: {CONFIG_NAME} is not readable JSON: {e}") from None
+    if not isinstance(pc, dict):
+        raise LoadError(f"{str(path)!r}: {CONFIG_NAME} must hold a JSON object, got {type(pc).__name__}")
+    try:
+        tensors = load_file(str(path / WEIGHTS_NAME))
+    except Exception as e:  # safetensors raises its own SafetensorError (truncated, bad header) or OSError
+        raise LoadError(f"{str(path)!r}: {WEIGHTS_NAME} is not a readable safetensors file: {e}") from None
     if not tensors:
         raise LoadError(f"{str(path)!r}: {WEIGHTS_NAME} holds no tensors")
     kind = pc.get("peft_type")
-    if kind == "LORA":
-        cfg, per = _lora_plan(pc, tensors, path, dtype)
-    elif kind == "IA3":
-        cfg, per = _ia3_plan(pc, tensors, path, dtype)
-    else:
+    plans = {"LORA": _lora_plan, "IA3": _ia3_plan}
+    if kind not in plans:
         raise LoadError(f"{str(path)!r}: peft_type {kind!r} is not supported by import_peft (LORA incl. DoRA, IA3)")
+    try:
+        cfg, per = plans[kind](pc, tensors, path, dtype)
+    except LoadError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # a missing or ill-typed field (r, lora_alpha, ...)
+        raise LoadError(f"{str(path)!r}: {CONFIG_NAME} has a missing or invalid field: {e!r}") from None
+    if not allow_nonfinite:
+        for name, ts in per.items():
+            for p, v in ts.items():
+                if not all_finite(v):
+                    raise LoadError(
+                        f"{str(path)!r}: {name}: {p} contains NaN or inf values; "
+                        "pass allow_nonfinite=True to import it anyway"
+                    )
     modules = dict(model.named_modules())
     absent = [n for n in per if n not in modules]
     if absent:

@@ -43,8 +43,9 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             st.enabled = False
             turned_off.append((layer, st))
             if st.original is not None:  # pissa / antipasto: put the original weight back for the block
+                W0 = original_weight(layer)  # rebuilt once, then kept (adapter.original_weight); may raise
                 w_res = st.cache["w_res"] = layer.weight.data  # detach inside the block: the weight is original
-                layer.weight.data = original_weight(layer)  # rebuilt once, then kept (adapter.original_weight)
+                layer.weight.data = W0
                 swapped.append((layer, st, w_res))
         yield model
     finally:

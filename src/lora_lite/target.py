@@ -111,8 +111,23 @@ def all_finite(t: torch.Tensor) -> bool:
 
 def fingerprint(m: nn.Module) -> str:
     """sha256 of the weight's raw bytes (exact: any changed bit changes it)."""
-    t = m.weight.detach().cpu().contiguous()
+    return tensor_hash(m.weight)
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes, 32 hex digits."""
+    t = t.detach().cpu().contiguous()
     return hashlib.sha256(t.view(torch.uint8).reshape(-1).numpy()).hexdigest()[:32]  # (hashes the buffer, no copy)
+
+
+def weight_sharers(model: nn.Module) -> dict[int, dict[int, str]]:
+    """id(weight tensor) -> {id(module): name} of every module holding it as its `weight` (tied weights: several)."""
+    owners: dict[int, dict[int, str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor):
+            owners.setdefault(id(w), {}).setdefault(id(mod), name)
+    return owners
 
 
 def model_width(model: nn.Module) -> int:

@@ -10,11 +10,13 @@ data-driven variants), then calls `forward` from a forward hook (or
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 from torch import nn
 
@@ -126,6 +128,18 @@ def get_variant(name: str) -> type[Variant]:
     return REGISTRY[name]
 
 
+@contextmanager
+def for_cache() -> Iterator[None]:
+    """Build tensors kept across calls (`layer._lora_lite.cache`) in here: plain tensors without autograd history.
+
+    Also when the first call runs under `torch.inference_mode()` (an evaluation before training): an inference
+    tensor in the cache would make every later training step raise ("Inference tensors cannot be saved for
+    backward"). `inference_mode(False)` turns grad mode on, hence the `no_grad`.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 def dropout(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The adapter-input dropout of the config, active in training mode only."""
     p = layer._lora_lite.cfg.dropout
@@ -158,15 +172,16 @@ def add_lowrank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, inplace: bool
     base; the backward layout, 1.15× → 1.13× (paired medians over 30-40 rounds).
     Mixed dtypes (adapter dtype ≠ the base output's): h Bᵀ is computed in h's dtype and cast to y's; under
     torch.autocast (y, h in bf16, B the fp32 parameter) B is cast to h's dtype, as autocast's own addmm does.
-    Under torch.compile and torch.func transforms: plain out-of-place `addmm` (the compiler plans memory
-    itself; functorch needs no custom autograd.Function).
+    Under torch.compile, torch.func transforms and forward-mode AD (`torch.autograd.forward_ad.dual_level`):
+    plain out-of-place `addmm` (the compiler plans memory itself; functorch needs no custom autograd.Function;
+    `_LowRank` has no jvp).
     """
     if y.dtype != h.dtype:
         return y + F.linear(h, B).to(y.dtype)
     if B.dtype != h.dtype:  # under torch.autocast: h came out of an autocast matmul, B is the fp32 parameter
         B = B.to(h.dtype)  # (a recorded cast: B's gradient flows back in B's own dtype)
     d, h2 = y.shape[-1], h.reshape(-1, h.shape[-1])
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or _fwad._current_level >= 0:
         return torch.addmm(y.reshape(-1, d), h2, B.t()).view(y.shape)
     grad = torch.is_grad_enabled() and (y.requires_grad or h.requires_grad or B.requires_grad)
     t = _own_storage(y) if inplace and h2.shape[0] * d == y.numel() else None

@@ -60,7 +60,7 @@ from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
 from ..target import dense_weight, set_dense_weight
-from ..variant import ParamSpec, Variant, add_lowrank, register, writable
+from ..variant import ParamSpec, Variant, add_lowrank, for_cache, register, writable
 from .pissa import top_r_svd
 
 _KWARGS = ("block_size", "max_angle")
@@ -171,7 +171,8 @@ class AntiPaSTO(Variant):
         bs, c, rot_T = block_size(st.cfg), st.coef, layer.lora_rot_T
         consts = st.cache.get(("antipasto", rot_T.device))
         if consts is None:
-            consts = st.cache[("antipasto", rot_T.device)] = _consts(bs, rot_T.device)
+            with for_cache():
+                consts = st.cache[("antipasto", rot_T.device)] = _consts(bs, rot_T.device)
         R = rotation_blocks(rot_T, bs, max_angle(st.cfg), c, consts).to(x.dtype)  # once per call, tiny
         Vh = layer.lora_Vh
         Vh_rot = (R @ Vh.view(-1, bs, Vh.shape[1])).view_as(Vh)  # blockdiag(R) Vh, O(r·bs·d_in)

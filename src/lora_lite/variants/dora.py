@@ -29,8 +29,8 @@ Row norm without materialising V (d_out × d_in) every call:
 
     ‖V‖²_row = ‖W‖²_row + 2s·rowsum(B ⊙ (W Aᵀ)) + s²·rowsum((B (A Aᵀ)) ⊙ B)
 
-‖W‖²_row is cached per layer at init (`layer._lora_lite.cache`, never saved: recomputed on
-attach/load); W Aᵀ (d_out × r) is one thin matmul against the stored weight (dense bases) or the
+‖W‖²_row is cached per layer (`layer._lora_lite.cache`, never saved: recomputed on attach/load and
+whenever the weight changes, see `_w_sq`); W Aᵀ (d_out × r) is one thin matmul against the stored weight (dense bases) or the
 dequantized weight (bitsandbytes bases, as peft dequantizes every forward). Everything under
 no_grad since the norm is detached. It equals peft's `linalg.norm(W + s·BA, dim=1)` to fp32 rounding
 (relative error ~ eps·‖W‖²/‖V‖²; only catastrophic if a row of V is ~0, where DoRA is singular anyway).
@@ -50,8 +50,8 @@ Checked against peft 0.21.2 `peft/tuners/lora/dora.py` (`get_weight_norm` 85-91,
 mag_norm_scale * lora_result * scaling` at 165) and `peft/tuners/lora/variants.py`
 (`DoraLinearVariant.forward` 230-257, dropout handling 242-246).
 Deviations: the norm formula above (same value to rounding, no d_out × d_in temporary); the norm is
-computed in fp32 (fp64 for fp64 adapters) whatever `cfg.dtype` (peft: in x's dtype). Caveat: ‖W‖²_row is cached at attach, so
-editing the base weight in place afterwards requires detach + attach.
+computed in fp32 (fp64 for fp64 adapters) whatever `cfg.dtype` (peft: in x's dtype). ‖W‖²_row is cached, keyed on the
+weight tensor, its version counter and dtype: a cast, a move or an in-place write of the base weight recomputes it.
 
 Merge (`ll.merge`): W_eff = (m / ‖V‖_row)[:, None] · V with V = W + s·B A (the dense norm), bias unchanged.
 Steering (`ll.scaled(model, c)`): y + c·(y' − y), i.e. the effective weight moves linearly from W (c = 0)
@@ -67,7 +67,7 @@ from torch import nn
 
 from ..config import LoraLiteConfig
 from ..target import dense_weight, is_conv1d, is_quantized
-from ..variant import ParamSpec, Variant, add_lowrank, dropout, register, writable
+from ..variant import ParamSpec, Variant, add_lowrank, dropout, for_cache, register, writable
 
 
 def _x_Wt(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -84,15 +84,19 @@ def _norm_dtype(layer: nn.Module) -> torch.dtype:
 
 
 def _w_sq(layer: nn.Module) -> torch.Tensor:
-    """Cached ‖W‖²_row ((d_out,), `_norm_dtype`), following device moves and dtype casts of the model."""
-    cache, ref = layer._lora_lite.cache, layer.lora_A
-    w_sq = cache.get("w_sq")
-    if w_sq is None or w_sq.dtype != _norm_dtype(layer):  # first call, or model.double()/.float() since
+    """Cached ‖W‖²_row ((d_out,), `_norm_dtype`), recomputed whenever the weight is not the one it was computed
+    from: another tensor (`model.to(dtype/device)`), written in place since (its version counter moved: e.g.
+    `load_state_dict` of a full checkpoint), or another norm dtype."""
+    cache, w = layer._lora_lite.cache, layer.weight
+    if torch._C._are_functorch_transforms_active():  # (torch.func: wrapped tensors, no storage to key on)
         W = dense_weight(layer, _norm_dtype(layer))
-        w_sq = cache["w_sq"] = (W * W).sum(1)
-    elif w_sq.device != ref.device:
-        w_sq = cache["w_sq"] = w_sq.to(ref.device)
-    return w_sq
+        return (W * W).sum(1)
+    key = (w.data_ptr(), w._version, w.dtype, w.device, _norm_dtype(layer))
+    if cache.get("w_sq_key") != key:
+        with for_cache():
+            W = dense_weight(layer, _norm_dtype(layer))
+            cache["w_sq"], cache["w_sq_key"] = (W * W).sum(1), key
+    return cache["w_sq"]
 
 
 @torch.no_grad()
@@ -120,7 +124,7 @@ class DoRA(Variant):
 
     @staticmethod
     def init(layer: nn.Module, cfg: LoraLiteConfig) -> None:
-        layer._lora_lite.cache.pop("w_sq", None)
+        layer._lora_lite.cache.pop("w_sq_key", None)
         layer.lora_m.copy_(_w_sq(layer).sqrt())
 
     @staticmethod
