@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/bench_vs_peft.py and fused_ceiling.py --quick: they run end to end and write complete results.
+"""Smoke tests of benchmarks/bench_vs_peft.py, fused_ceiling.py and profile_step.py --quick: they run end to end and write complete results.
 
 No timing assertions (timings on a shared CI machine mean nothing); only that every field is there,
 finite and consistent (same trainable-parameter count as peft, ratios = medians of the per-round quotients
@@ -21,6 +21,7 @@ pytest.importorskip("matplotlib")
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_peft.py"
 FUSED = BENCH.with_name("fused_ceiling.py")
+PROFILE = BENCH.with_name("profile_step.py")
 
 
 def _load(path: Path = BENCH):
@@ -85,3 +86,68 @@ def test_fused_ceiling_check_catches_a_wrong_prototype(monkeypatch) -> None:
 
     monkeypatch.setattr(fc._FusedLoRA, "backward", staticmethod(wrong))
     assert fc.check(fc.bench.QUICK) > 0.4
+
+
+def test_profile_step_attributes_ops_and_times_the_hook_path(tmp_path) -> None:
+    import lora_lite as ll
+
+    ps = _load(PROFILE)
+    argv = ["--quick", "--steps", "1", "--rounds", "2", "--threads", "1", "--out", str(tmp_path)]
+    res = ps.main(argv)
+    assert json.loads((tmp_path / "profile_lora_quick.json").read_text())["overhead"] == res["overhead"]
+    assert "| forward |" in (tmp_path / "profile_lora_quick.md").read_text()
+    base, ours = res["profile"]["base"], res["profile"]["ours"]
+    for p in (base, ours):
+        assert math.isclose(p["total_ms"], sum(p["phase_ms"].values()))
+        assert math.isclose(p["total_ms"], sum(p["op_ms"].values()), rel_tol=1e-6)
+    # the r-sized matmuls are the adapter's: none in the base, forward and backward ones with LoRA
+    assert sum(base["lowrank_matmul_ms"].values()) == 0
+    assert ours["lowrank_matmul_ms"]["forward"] > 0 and ours["lowrank_matmul_ms"]["backward"] > 0
+    assert "optimizer" not in base["phase_ms"] and ours["phase_ms"]["optimizer"] > 0
+    times = res["step_s_all"]
+    assert set(times) == {"base", "noop_hook", "null_variant", "ours"} and all(len(v) == 2 for v in times.values())
+    for k, r in res["overhead"].items():
+        assert math.isclose(r, statistics.median(a / b for a, b in zip(times[k], times["base"], strict=True)))
+    assert ps._NullVariant.name not in ll.REGISTRY  # registered only for its own attach
+
+
+def test_profile_step_lowrank_classifier() -> None:
+    ps = _load(PROFILE)
+    assert ps._is_lowrank("aten::mm", [[1024, 512], [512, 8]], 8)
+    assert ps._is_lowrank("aten::addmm", [[1024, 512], [1024, 8], [8, 512], [], []], 8)
+    assert not ps._is_lowrank("aten::mm", [[1024, 512], [512, 512]], 8)
+    assert not ps._is_lowrank("aten::mul", [[1024, 8], [1024, 8]], 8)  # not a matmul
+    assert not ps._is_lowrank("aten::mm", [[8], [8]], 8)  # no matrix operand
+
+
+def test_profile_step_parses_py_spy_samples() -> None:
+    ps = _load(PROFILE)
+    raw = "\n".join(
+        [
+            "<module> (train.py:1);forward (torch/nn/modules/module.py:9);at::native::mm (libtorch_cpu.so) 70",
+            "<module> (train.py:1);_forward_hook (lora_lite/adapter.py:104);forward (lora_lite/variants/lora.py:40);"
+            "at::native::addmm (libtorch_cpu.so) 20",
+            "<module> (train.py:1);_forward_hook (lora_lite/adapter.py:104) 6",
+            "<module> (train.py:1);backward (lora_lite/variant.py:218);mm (libtorch_cpu.so) 4",
+            "a truncated line",
+        ]
+    )
+    spy = ps.parse_pyspy(raw)
+    assert spy["samples"] == 100
+    assert math.isclose(spy["under_lora_lite"], 0.30)
+    assert math.isclose(spy["lora_lite_interpreter"], 0.06)
+    assert math.isclose(spy["lora_lite_torch_ops"], 0.24)
+    assert spy["top_lines"][0] == ["forward (lora_lite/variants/lora.py:40)", 0.20]
+    assert math.isnan(ps.parse_pyspy("")["under_lora_lite"])
+
+
+@pytest.mark.slow
+def test_profile_step_py_spy_end_to_end(tmp_path) -> None:
+    import shutil
+
+    if shutil.which("py-spy") is None:
+        pytest.skip("py-spy is not installed")
+    ps = _load(PROFILE)
+    spy = ps.run_pyspy("lora", quick=True, threads=1, steps=3)
+    assert spy["samples"] > 0 and 0 < spy["under_lora_lite"] < 1
+    assert math.isclose(spy["under_lora_lite"], spy["lora_lite_interpreter"] + spy["lora_lite_torch_ops"])

@@ -156,7 +156,27 @@ def _bad_cases(model_dir: Path, data: Path, tmp: Path) -> dict[str, tuple[list[s
         "jsonl without the field": (["train", *ok[:2], "--data", str(_jsonl(tmp)), *ok[4:]], "no string field 'text'"),
         "missing adapter": (["eval", *ok[:4], "--adapter", str(tmp / "none")], "no adapter file"),
         "no matching target": (["train", *ok, "--target-names", "nothing_like_this"], "no module matched"),
+        "unknown variant kwarg": (
+            ["train", *ok, "--variant-kwargs", '{"use_rs_lora": true}'],
+            "unknown variant_kwargs",
+        ),
+        "bad device": (["train", *ok, "--device", "foo"], "--device 'foo' is not a device name"),
+        "eval batch-size 0": (["eval", *ok[:4], "--adapter", "a", "--batch-size", "0"], "--batch-size must be >= 1"),
+        "eval max-batches < 0": (["eval", *ok[:4], "--adapter", "a", "--max-batches", "-1"], "--max-batches must be"),
+        "no tokenizer": (["train", "--model", str(_no_tokenizer(model_dir, tmp)), *ok[2:]], "has no tokenizer files"),
     }
+
+
+def _no_tokenizer(model_dir: Path, tmp: Path) -> Path:
+    """The model saved with save_pretrained alone, without its tokenizer."""
+    import shutil
+
+    d = tmp / "model_only"
+    d.mkdir(exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors":
+            shutil.copy(f, d / f.name)
+    return d
 
 
 @pytest.mark.parametrize(
@@ -174,6 +194,11 @@ def _bad_cases(model_dir: Path, data: Path, tmp: Path) -> dict[str, tuple[list[s
         "missing adapter",
         "jsonl without the field",
         "no matching target",
+        "unknown variant kwarg",
+        "bad device",
+        "eval batch-size 0",
+        "eval max-batches < 0",
+        "no tokenizer",
     ],
 )
 def test_bad_arguments_one_line_exit_2(case, model_dir, text_file, tmp_path, capsys) -> None:
@@ -229,3 +254,36 @@ def test_demo_smoke(tmp_path, capsys) -> None:
     assert all(r.better + r.worse <= 8 and 0 < r.after <= 1 for r in results)
     assert table(results, saved["data"]).splitlines()[2:4] == out.split("\n\n")[1].splitlines()[2:4]  # --json merges
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cuda_device_without_cuda_is_one_line(model_dir, text_file, tmp_path, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = _train_args(model_dir, text_file, tmp_path / "o", 1, "--device", "cuda")
+    assert main(argv) == 2
+    assert "no usable CUDA device; use --device cpu" in capsys.readouterr().err
+
+
+def test_debug_after_the_subcommand_shows_the_traceback(tmp_path) -> None:
+    """The one-line errors say "rerun with --debug": that must work after the subcommand too."""
+    argv = ["eval", "--model", str(tmp_path), "--adapter", str(tmp_path / "none"), "--data", "x", "--debug"]
+    with pytest.raises(ValueError, match="no adapter file"):
+        main(argv)
+    assert main(argv[:-1]) == 2
+
+
+def test_make_blocks_does_not_warn_about_long_documents() -> None:
+    """Whole documents are tokenized, then cut into blocks: transformers' max-length warning is noise there."""
+    from transformers import AutoTokenizer
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as hf_logging
+
+    from lora_lite.cli import make_blocks
+    from lora_lite.demo import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())  # a BERT tokenizer, which checks the length
+    tok.model_max_length = 8
+    with CaptureLogger(hf_logging.get_logger("transformers.tokenization_utils_base")) as cl:
+        blocks = make_blocks(["the cat sat on a mat . " * 10], tok, 4)
+    assert "longer than the specified maximum" not in cl.out
+    assert tok.model_max_length == 8 and blocks.shape == (17, 4)  # 70 tokens + [SEP], cut into blocks of 4

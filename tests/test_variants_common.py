@@ -146,3 +146,19 @@ def test_save_fresh_load_reproduces_and_detach_restores(name, kind, tmp_path) ->
     for k in sd0:
         assert torch.equal(sd1[k], sd0[k]), f"detach did not restore {k}"
     assert not any(hasattr(m, "_lora_lite") or m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("variant", sorted(ll.REGISTRY))
+def test_unknown_variant_kwargs_are_refused_by_every_variant(variant: str) -> None:
+    """A typo in variant_kwargs must not silently train the default (SPEC: nothing falls back silently)."""
+    r = 4
+    with pytest.raises(ll.ConfigError, match=rf"{variant}.*(unknown variant_kwargs \['use_rs_lora'\]|takes no)"):
+        ll.LoraLiteConfig(variant=variant, r=r, variant_kwargs={"use_rs_lora": True})
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "pissa", "eva"])
+def test_use_rslora_must_be_a_bool(variant: str) -> None:
+    with pytest.raises(ll.ConfigError, match=r"use_rslora'\] must be"):
+        ll.LoraLiteConfig(variant=variant, r=4, variant_kwargs={"use_rslora": "yes"})
+    cfg = ll.LoraLiteConfig(variant=variant, r=4, alpha=12.0, variant_kwargs={"use_rslora": True})
+    assert cfg.scale == 12.0 / 2.0  # alpha / sqrt(r)

@@ -1,8 +1,10 @@
-"""`lora-lite` command line: fine-tune a causal LM (`train`), compare base vs adapted (`eval`), `demo`.
+"""`lora-lite` command line: fine-tune a causal LM (`train`), compare base vs adapted (`eval`), fold an
+adapter into the weights (`merge`), `demo`.
 
     lora-lite train --model DIR_OR_HUB_ID --data FILE --variant dora --r 8 --alpha 16 --steps 200 --out run/
     lora-lite train ... --out run/ --resume --steps 400      # continue run/ up to step 400
     lora-lite eval  --model DIR_OR_HUB_ID --adapter run/ --data FILE
+    lora-lite merge --model DIR_OR_HUB_ID --adapter run/ --out merged/
     lora-lite demo                                           # offline, real weights, every variant
 
 transformers, tqdm and matplotlib are imported lazily here (they are not dependencies of the
@@ -72,8 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = ap.add_subparsers(dest="command", metavar="{train,eval,merge,demo}")
     sub.required = True
+    # --debug is accepted after the subcommand too (the error hint says "rerun with --debug")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    t = sub.add_parser("train", help="fine-tune an adapter on a text/JSONL file (AdamW), save it to --out")
+    t = sub.add_parser(
+        "train", parents=[debug], help="fine-tune an adapter on a text/JSONL file (AdamW), save it to --out"
+    )
     t.add_argument("--model", required=True, help="local model directory or Hugging Face hub id")
     _add_data_args(t)
     _add_adapter_args(t)
@@ -91,20 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
-    e = sub.add_parser("eval", help="loss and perplexity of the base model and of base + adapter")
+    e = sub.add_parser("eval", parents=[debug], help="loss and perplexity of the base model and of base + adapter")
     e.add_argument("--model", required=True, help="local model directory or Hugging Face hub id")
     e.add_argument("--adapter", required=True, help="adapter .safetensors file, or a `train --out` directory")
     _add_data_args(e)
     e.add_argument("--max-batches", type=int, default=0, help="evaluate at most N batches (default: all)")
     e.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
-    mg = sub.add_parser("merge", help="fold an adapter into the base weights, save the plain model to --out")
+    mg = sub.add_parser(
+        "merge", parents=[debug], help="fold an adapter into the base weights, save the plain model to --out"
+    )
     mg.add_argument("--model", required=True, help="local model directory or Hugging Face hub id")
     mg.add_argument("--adapter", required=True, help="adapter .safetensors file, or a `train --out` directory")
     mg.add_argument("--out", required=True, help="new directory for the merged model and its tokenizer")
     mg.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
-    d = sub.add_parser("demo", help="offline demo: adapt all-MiniLM-L6-v2 for passage retrieval, every variant")
+    d = sub.add_parser(
+        "demo", parents=[debug], help="offline demo: adapt all-MiniLM-L6-v2 for passage retrieval, every variant"
+    )
     from .demo import add_demo_args
 
     add_demo_args(d)
@@ -145,7 +156,15 @@ def config_from_args(args: argparse.Namespace) -> ll.LoraLiteConfig:
 def _device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
+    _need(
+        dev.type != "cuda" or torch.cuda.is_available(),
+        f"--device {name!r}: this torch has no usable CUDA device; use --device cpu (or leave --device out)",
+    )
+    return dev
 
 
 def _check_model_ref(ref: str) -> None:
@@ -159,6 +178,9 @@ def _check_model_ref(ref: str) -> None:
     _need(not looks_local, f"--model {ref!r}: no such directory")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def load_causal_lm(ref: str, device: torch.device):
     """(model, tokenizer) via transformers' Auto classes; local directories, or hub ids when a hub is reachable."""
     _check_model_ref(ref)
@@ -166,6 +188,13 @@ def load_causal_lm(ref: str, device: torch.device):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        _need(
+            any((p / f).is_file() for f in _TOKENIZER_FILES),
+            f"--model {ref!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...); "
+            f"save the tokenizer there too: tokenizer.save_pretrained({ref!r})",
+        )
     tok = AutoTokenizer.from_pretrained(ref)
     model = AutoModelForCausalLM.from_pretrained(ref).to(device)
     return model, tok
@@ -201,10 +230,14 @@ def make_blocks(texts: list[str], tok, seq_len: int) -> torch.Tensor:
     _need(seq_len >= 2, f"--seq-len must be >= 2, got {seq_len}")
     sep = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     ids: list[int] = []
-    for t in texts:
-        ids.extend(tok(t, add_special_tokens=False)["input_ids"])
-        if sep is not None:
-            ids.append(sep)
+    limit, tok.model_max_length = tok.model_max_length, 10**30  # whole documents, cut into blocks below: no
+    try:  # "sequence length is longer than the specified maximum" warning for a length we never feed the model
+        for t in texts:
+            ids.extend(tok(t, add_special_tokens=False)["input_ids"])
+            if sep is not None:
+                ids.append(sep)
+    finally:
+        tok.model_max_length = limit
     n = len(ids) // seq_len
     _need(n >= 1, f"the data has {len(ids)} tokens, fewer than one block of --seq-len {seq_len}; lower --seq-len")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
@@ -422,6 +455,8 @@ def _adapter_file(arg: str) -> tuple[Path, ll.LoraLiteConfig]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    _need(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    _need(args.max_batches >= 0, f"--max-batches must be >= 0 (0 = all), got {args.max_batches}")
     adapter, _ = _adapter_file(args.adapter)
     texts = read_texts(args.data, args.text_field)
     device = _device(args.device)

@@ -101,7 +101,18 @@ class LoraLiteConfig:
             json.dumps(self.variant_kwargs)
         except TypeError as e:
             raise ConfigError(f"variant_kwargs must be JSON-serialisable (it is saved with the adapter): {e}") from None
-        get_variant(self.variant).validate(self)
+        variant = get_variant(self.variant)
+        accepted = getattr(variant, "kwargs", None)  # None: the variant checks its own (custom variants)
+        unknown = [] if accepted is None else sorted(set(self.variant_kwargs) - set(accepted))
+        if unknown:
+            raise ConfigError(
+                f"{self.variant}: unknown variant_kwargs {unknown}; {self.variant} accepts "
+                f"{sorted(accepted) if accepted else 'none'}"
+            )
+        rs = self.variant_kwargs.get("use_rslora", False)
+        if not isinstance(rs, bool):
+            raise ConfigError(f"{self.variant}: variant_kwargs['use_rslora'] must be True or False, got {rs!r}")
+        variant.validate(self)
 
     @property
     def scale(self) -> float:

@@ -101,14 +101,12 @@ def rotation_blocks(
 @register
 class AntiPaSTO(Variant):
     name = "antipasto"
+    kwargs = _KWARGS
     rewrites_weight = True
     reads_weight = True
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:
-        unknown = sorted(set(cfg.variant_kwargs) - set(_KWARGS))
-        if unknown:
-            raise ConfigError(f"antipasto: unknown variant_kwargs {unknown}; antipasto accepts {list(_KWARGS)}")
         bs = block_size(cfg)
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2:
             raise ConfigError(

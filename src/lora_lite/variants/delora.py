@@ -56,6 +56,7 @@ def _lambda(cfg: LoraLiteConfig) -> float:
 @register
 class DeLoRA(Variant):
     name = "delora"
+    kwargs = ("delora_lambda",)
     reads_weight = True
 
     @staticmethod

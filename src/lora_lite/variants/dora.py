@@ -112,6 +112,7 @@ def weight_norm(layer: nn.Module) -> torch.Tensor:
 @register
 class DoRA(Variant):
     name = "dora"
+    kwargs = ("use_rslora",)
     reads_weight = True
 
     @staticmethod

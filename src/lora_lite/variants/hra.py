@@ -101,6 +101,7 @@ def _half_eye(r: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 @register
 class HRA(Variant):
     name = "hra"
+    kwargs = ("apply_GS",)
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:

@@ -69,13 +69,11 @@ class IA3(Variant):
     """Output gate y ⊙ g; routes feed-forward targets to `IA3FF`."""
 
     name = "ia3"
+    kwargs = _FF_KWARGS
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:
         _no_dropout(cfg)
-        unknown = sorted(set(cfg.variant_kwargs) - set(_FF_KWARGS))
-        if unknown:
-            raise ConfigError(f"ia3: unknown variant_kwargs {unknown}; ia3 accepts {list(_FF_KWARGS)}")
         for pat in _str_list(cfg, "feedforward_names"):
             try:
                 re.compile(pat)

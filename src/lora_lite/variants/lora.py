@@ -8,8 +8,9 @@ Init: A ~ kaiming-uniform(a=√5) (nn.Linear's default, as peft's init_lora_weig
 Identity at init: B = 0 makes the update exactly zero, so y' == y bit for bit; B gets a
 non-zero gradient (x Aᵀ ≠ 0) on step 1, A from step 2 on.
 
-Checked against peft 0.21.2 `peft/tuners/lora/layer.py`: `LoraLayer.update_layer` (scaling,
-rslora), `reset_lora_parameters` (init), `Linear.forward` (`result + lora_B(lora_A(dropout(x))) * scaling`).
+Checked against peft 0.21.2 `peft/tuners/lora/layer.py`: `LoraLayer.update_layer` 219- (scaling and
+rslora at 278-281), `reset_lora_parameters` 332- (kaiming A at 338, zero B at 343), `Linear.forward`
+1074- (`result + lora_B(lora_A(dropout(x))) * scaling` at 1102).
 Deviation: none in the math. We apply s to the r-dim intermediate h = s·(x Aᵀ) and add h Bᵀ to y
 in one fused addmm (`add_lowrank`, in place on the base output y when nothing else can hold it), where
 peft makes B(A x), multiplies the (…, d_out) result by s and adds it: same value to float rounding, three
@@ -34,6 +35,7 @@ from ..variant import ParamSpec, Variant, add_lowrank, dropout, register, writab
 @register
 class LoRA(Variant):
     name = "lora"
+    kwargs = ("use_rslora",)
 
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:

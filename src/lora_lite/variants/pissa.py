@@ -79,6 +79,7 @@ def top_r_svd(W: torch.Tensor, r: int, niter: int | None = None) -> tuple[torch.
 @register
 class PiSSA(LoRA):
     name = "pissa"
+    kwargs = _KWARGS
     rewrites_weight = True
     reads_weight = True
     # forward is LoRA's. The tensors are LoRA's too, created as zeros (init overwrites them: no kaiming draw,
@@ -90,9 +91,6 @@ class PiSSA(LoRA):
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:
-        unknown = sorted(set(cfg.variant_kwargs) - set(_KWARGS))
-        if unknown:
-            raise ConfigError(f"pissa: unknown variant_kwargs {unknown}; pissa accepts {list(_KWARGS)}")
         niter = cfg.variant_kwargs.get("svd_niter")
         if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
             raise ConfigError(
