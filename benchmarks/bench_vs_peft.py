@@ -429,20 +429,27 @@ def pissa_on_minilm(size: Size, niter: int) -> dict[str, Any] | None:
 
 
 def run(
-    size: Size, variants: list[str], rounds: int, warmup: int, threads: int, seed: int = 0, minilm: bool = False
+    size: Size,
+    variants: list[str],
+    rounds: int,
+    warmup: int,
+    threads: int,
+    seed: int = 0,
+    minilm: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """The whole measurement; torch's thread count and the gc state are restored afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run(size, variants, rounds, warmup, threads, seed, minilm)
+        return _run(size, variants, rounds, warmup, threads, seed, minilm, compile)
     finally:
         gc.unfreeze()
         torch.set_num_threads(before)
 
 
 def _run(
-    size: Size, variants: list[str], rounds: int, warmup: int, threads: int, seed: int, minilm: bool
+    size: Size, variants: list[str], rounds: int, warmup: int, threads: int, seed: int, minilm: bool, compile: bool
 ) -> dict[str, Any]:
     import peft
     import transformers
@@ -466,6 +473,8 @@ def _run(
     arms: list[Arm] = []
     for label, case in plan:
         arms.append(build(label, case, template, size, calib))
+        if compile:  # inductor; compiled during the first warm-up round (not timed)
+            arms[-1].model = torch.compile(arms[-1].model)
         print(f"built {label:4s} {arms[-1].variant:10s} init {arms[-1].init_s:7.3f}s", file=sys.stderr)
 
     t_start = time.perf_counter()
@@ -531,6 +540,7 @@ def _run(
         "rounds": rounds,
         "warmup": warmup,
         "threads": threads,
+        "compile": compile,
         "machine": {
             "platform": platform.platform(),
             "processor": _cpu_name(),
@@ -591,7 +601,12 @@ def markdown(res: dict[str, Any]) -> str:
         f"Median of {res['rounds']} interleaved train steps (after {res['warmup']} warm-up rounds); each ratio is "
         "the median over rounds of the two models' times in the same round; "
         f"{res['threads']} thread(s); {m['processor']}; torch {m['torch']}, peft {m['peft']}, "
-        f"transformers {m['transformers']}.",
+        f"transformers {m['transformers']}."
+        + (
+            " Every model under `torch.compile` (inductor) for the step times; peak memory measured eager."
+            if res.get("compile")
+            else ""
+        ),
         "",
         f"Frozen base: {b['step_s'] * 1000:.1f} ms/step, peak {b['peak_mb']:.1f} MiB.",
         "",
@@ -697,6 +712,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="time every model under torch.compile (inductor)")
     ap.add_argument("--eva-cap", type=float, default=None, help="stop peft's EVA calibration after this many s")
     ap.add_argument(
         "--minilm",
@@ -715,12 +731,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"unknown variants {sorted(unknown)}; choose from {[c.name for c in CASES]}")
     out = a.out or HERE / "results"
     out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_vs_peft_quick" if a.quick else "bench_vs_peft"
+    stem = ("bench_vs_peft_quick" if a.quick else "bench_vs_peft") + ("_compile" if a.compile else "")
 
     global EVA_CAP_S
     EVA_CAP_S = a.eva_cap or (15.0 if a.quick else 60.0)
     minilm = a.minilm if a.minilm is not None else not a.quick
-    res = run(size, variants, rounds, warmup, threads, minilm=minilm)
+    res = run(size, variants, rounds, warmup, threads, minilm=minilm, compile=a.compile)
     res["command"] = " ".join(["python benchmarks/bench_vs_peft.py", *(sys.argv[1:] if argv is None else argv)])
     md = markdown(res)
     print(md)

@@ -195,3 +195,19 @@ def test_forward_mode_ad_through_the_whole_model() -> None:
         tangent = fwAD.unpack_dual(out).tangent
     _, ref = torch.func.jvp(lambda e: m(inputs_embeds=e).logits, (emb,), (t,))
     assert rel(tangent, ref) < 1e-5
+
+
+@pytest.mark.parametrize("variant", REWRITING)
+def test_detach_after_an_overwrite_restores_from_the_cached_original(variant: str) -> None:
+    """Once ll.disabled has rebuilt (and cached) the true original, detach restores it even if W_res changed."""
+    base = tiny_llama()
+    snap = snapshot(base)
+    m = copy.deepcopy(base)
+    ll.attach(m, _cfg(variant))
+    with ll.disabled(m):
+        pass
+    with torch.no_grad():
+        for layer in ll.targets(m).values():
+            layer.weight.add_(1.0)  # W_res overwritten
+    ll.detach(m)
+    assert_pristine(m, snap)

@@ -157,3 +157,14 @@ def test_profile_step_py_spy_end_to_end(tmp_path) -> None:
     spy = ps.run_pyspy("lora", quick=True, threads=1, steps=60)  # tiny steps: enough of them to be sampled
     assert spy["samples"] >= 10 and 0 < spy["under_lora_lite"] < 1 and spy["rate"] == 50
     assert math.isclose(spy["under_lora_lite"], spy["lora_lite_interpreter"] + spy["lora_lite_torch_ops"])
+
+
+@pytest.mark.slow  # inductor compiles C++ with gcc: minutes on 2 cores
+def test_quick_benchmark_compiled(tmp_path) -> None:
+    bench = _load()
+    argv = ["--quick", "--compile", "--variants", "lora", "--rounds", "2", "--warmup", "1", "--threads", "1"]
+    bench.main([*argv, "--no-plot", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "bench_vs_peft_quick_compile.json").read_text())
+    assert res["compile"] is True and "torch.compile" in (tmp_path / "bench_vs_peft_quick_compile.md").read_text()
+    (row,) = res["variants"]
+    assert math.isfinite(row["ours"]["step_vs_base"]) and math.isfinite(row["ours_vs_peft_step"])

@@ -192,6 +192,16 @@ def _compile_matches_eager(key: str, backend: str) -> None:
         assert torch.allclose(got[n], ref[n], rtol=1e-4, atol=1e-6), n
 
 
+@pytest.mark.parametrize("key", ["lora", "dora", "hra", "ia3", "antipasto"])
+def test_hooks_compile_into_one_graph(key: str) -> None:
+    """No graph break in the hook path (each would split the compiled model at every adapted layer)."""
+    torch._dynamo.reset()
+    model, ids = _attached(key), llama_batch()
+    ex = torch._dynamo.explain(lambda i: model(input_ids=i).logits)(ids)
+    assert ex.graph_break_count == 0, [str(b.reason)[:200] for b in ex.break_reasons[:3]]
+    assert ex.graph_count == 1
+
+
 @pytest.mark.parametrize("key", ["lora", "dora"])
 def test_compile_aot_eager_equals_eager(key: str) -> None:
     _compile_matches_eager(key, "aot_eager")

@@ -102,7 +102,10 @@ def _saved_config(state: _ModelState) -> LoraLiteConfig:
 
 def _same_state_as_forward(st: _LayerState) -> None:
     """Gradient checkpointing re-runs a block's forward during backward, with the state (ll.disabled, ll.scaled)
-    of that moment: raise if it differs from the state of the last forward, which it would silently replace."""
+    of that moment: raise if it differs from the state of the last forward, which it would silently replace.
+    Skipped under torch.compile (the task-id query, an int, would break the graph at every hook)."""
+    if torch.compiler.is_compiling():
+        return
     if torch._C._current_graph_task_id() == -1:  # not inside a backward pass: an ordinary call
         st.forward_state = (st.enabled, st.coef)
     elif (st.enabled, st.coef) != st.forward_state:
@@ -132,7 +135,8 @@ def _forward_hook(layer: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tenso
     if st.coef != 1.0:  # inside ll.scaled(model, c)
         out = st.variant.scaled_forward(layer, x, y, st.coef)
     else:
-        st.writable = y if _sole_owner(layer, st, y) else None  # see variant.writable
+        # (never under torch.compile, where add_lowrank stays out of place: the handle lookup would break the graph)
+        st.writable = y if not torch.compiler.is_compiling() and _sole_owner(layer, st, y) else None
         try:
             out = st.variant.forward(layer, x, y)
         finally:
@@ -369,12 +373,17 @@ def original_weight(layer: nn.Module) -> torch.Tensor:
     """
     st: _LayerState = layer._lora_lite
     w_res = st.cache.get("w_res", layer.weight.data)  # inside ll.disabled, layer.weight is the original itself
-    W0 = st.cache.get("original")
-    if W0 is None or W0.dtype != w_res.dtype or W0.device != w_res.device:  # first use, or model.to() since
+    W0 = _cached_original(st, w_res)
+    if W0 is None:  # first use, or model.to() since
         _check_residual(layer)
         with for_cache():
             W0 = st.cache["original"] = st.original.weight(w_res)
     return W0
+
+
+def _cached_original(st: _LayerState, w_res: torch.Tensor) -> torch.Tensor | None:
+    W0 = st.cache.get("original")
+    return W0 if W0 is not None and W0.dtype == w_res.dtype and W0.device == w_res.device else None
 
 
 def _check_residual(layer: nn.Module) -> None:
@@ -403,8 +412,8 @@ def detach(model: nn.Module) -> None:
     state = _state(model)
     for layer in state.layers.values():  # every check before the first change
         st = layer._lora_lite
-        if st.original is not None and "w_res" not in st.cache and "original" not in st.cache:
-            _check_residual(layer)
+        if st.original is not None and "w_res" not in st.cache and _cached_original(st, layer.weight.data) is None:
+            _check_residual(layer)  # (what _remove's original_weight would check half way through)
     _remove(model)
 
 
