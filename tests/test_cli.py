@@ -108,6 +108,7 @@ def test_resume_equals_one_straight_run(model_dir, text_file, tmp_path) -> None:
     assert main(_train_args(model_dir, text_file, split, 4, "--resume")) == 0
     st = json.loads((split / "train_state.json").read_text())
     assert st["step"] == 4 and [h[0] for h in st["history"] if h[1] is not None] == [1, 2, 3, 4]
+    assert st["args"]["variant"] == "dora"  # the run's, not the ignored default flag of the resume command
     _, _, a = ll.read_adapter(straight / "adapter.safetensors")
     cfg, _, b = ll.read_adapter(split / "adapter.safetensors")
     assert cfg.variant == "dora" and a.keys() == b.keys()

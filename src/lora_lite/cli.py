@@ -65,6 +65,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="blocks per step (default: 8)")
 
 
+_ADAPTER_FLAGS = (  # the `args` keys of _add_adapter_args
+    "variant", "r", "alpha", "dropout", "dtype", "target_roles", "target_names", "exclude_names", "layers",
+    "variant_kwargs",
+)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="lora-lite",
@@ -400,6 +406,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         ll.save(model, adapter_path)
         save_optimizer(opt, names, optim_path)
         run = {k: v for k, v in vars(args).items() if k not in ("resume", "func", "debug")}
+        if args.resume:  # the adapter flags were ignored (the config came from the file): keep the saved run's
+            run.update({k: prev["args"][k] for k in _ADAPTER_FLAGS if k in prev.get("args", {})})
         _write_json(state_path, {"step": step, "args": run, "config": cfg.to_dict(), "history": history})
 
     def held_out() -> float | None:
