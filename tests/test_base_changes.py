@@ -29,6 +29,16 @@ import lora_lite as ll
 REWRITING = ["pissa", "antipasto"]
 
 
+def _attached_with_snapshot(key: str, calib=None):
+    """(a tiny Llama with `key` attached, the snapshot of the base before attach)."""
+    base = tiny_llama()
+    snap = snapshot(base)
+    m = copy.deepcopy(base)
+    torch.manual_seed(4)
+    ll.attach(m, _cfg(key), calibration_data=calib)
+    return m, snap
+
+
 def _logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -100,10 +110,7 @@ def test_pissa_scaled_refuses_when_the_residual_was_overwritten() -> None:
 @pytest.mark.parametrize("variant", REWRITING)
 def test_restores_still_exact_after_moves_widening_casts_and_identical_rewrites(variant: str) -> None:
     """The residual check accepts what does not change W_res: .to(float64), and writing the same values."""
-    base = tiny_llama()
-    snap = snapshot(base)
-    m = copy.deepcopy(base)
-    ll.attach(m, _cfg(variant))
+    m, snap = _attached_with_snapshot(variant)
     perturb(m)
     m.load_state_dict(m.state_dict())  # an in-place write of the same bits
     m.double()
@@ -144,12 +151,8 @@ def test_lora_on_a_tied_weight_is_still_allowed() -> None:
 @pytest.mark.parametrize("key", [k for k in CFGS if k != "lora_dropout"])
 def test_first_use_under_inference_mode_then_train_steer_and_detach(key: str) -> None:
     """An inference-mode evaluation (plain, disabled, scaled) before training must not poison any cache."""
-    base = tiny_llama()
-    snap = snapshot(base)
-    m = copy.deepcopy(base)
-    torch.manual_seed(4)
     calib = [{"input_ids": llama_batch(seed=9 + i)} for i in range(2)] if key == "eva" else None
-    ll.attach(m, _cfg(key), calibration_data=calib)
+    m, snap = _attached_with_snapshot(key, calib)
     ids = llama_batch()
     with torch.inference_mode():
         m(input_ids=ids)
@@ -200,10 +203,7 @@ def test_forward_mode_ad_through_the_whole_model() -> None:
 @pytest.mark.parametrize("variant", REWRITING)
 def test_detach_after_an_overwrite_restores_from_the_cached_original(variant: str) -> None:
     """Once ll.disabled has rebuilt (and cached) the true original, detach restores it even if W_res changed."""
-    base = tiny_llama()
-    snap = snapshot(base)
-    m = copy.deepcopy(base)
-    ll.attach(m, _cfg(variant))
+    m, snap = _attached_with_snapshot(variant)
     with ll.disabled(m):
         pass
     with torch.no_grad():
