@@ -436,20 +436,20 @@ def run(
     threads: int,
     seed: int = 0,
     minilm: bool = False,
-    compile: bool = False,
+    use_compile: bool = False,
 ) -> dict[str, Any]:
     """The whole measurement; torch's thread count and the gc state are restored afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run(size, variants, rounds, warmup, threads, seed, minilm, compile)
+        return _run(size, variants, rounds, warmup, threads, seed, minilm, use_compile)
     finally:
         gc.unfreeze()
         torch.set_num_threads(before)
 
 
 def _run(
-    size: Size, variants: list[str], rounds: int, warmup: int, threads: int, seed: int, minilm: bool, compile: bool
+    size: Size, variants: list[str], rounds: int, warmup: int, threads: int, seed: int, minilm: bool, use_compile: bool
 ) -> dict[str, Any]:
     import peft
     import transformers
@@ -473,7 +473,7 @@ def _run(
     arms: list[Arm] = []
     for label, case in plan:
         arms.append(build(label, case, template, size, calib))
-        if compile:  # inductor; compiled during the first warm-up round (not timed)
+        if use_compile:  # inductor; compiled during the first warm-up round (not timed)
             arms[-1].model = torch.compile(arms[-1].model)
         print(f"built {label:4s} {arms[-1].variant:10s} init {arms[-1].init_s:7.3f}s", file=sys.stderr)
 
@@ -540,7 +540,7 @@ def _run(
         "rounds": rounds,
         "warmup": warmup,
         "threads": threads,
-        "compile": compile,
+        "compile": use_compile,
         "machine": {
             "platform": platform.platform(),
             "processor": _cpu_name(),
@@ -736,7 +736,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     global EVA_CAP_S
     EVA_CAP_S = a.eva_cap or (15.0 if a.quick else 60.0)
     minilm = a.minilm if a.minilm is not None else not a.quick
-    res = run(size, variants, rounds, warmup, threads, minilm=minilm, compile=a.compile)
+    res = run(size, variants, rounds, warmup, threads, minilm=minilm, use_compile=a.compile)
     res["command"] = " ".join(["python benchmarks/bench_vs_peft.py", *(sys.argv[1:] if argv is None else argv)])
     md = markdown(res)
     print(md)

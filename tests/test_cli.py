@@ -288,3 +288,12 @@ def test_make_blocks_does_not_warn_about_long_documents() -> None:
         blocks = make_blocks(["the cat sat on a mat . " * 10], tok, 4)
     assert "longer than the specified maximum" not in cl.out
     assert tok.model_max_length == 8 and blocks.shape == (17, 4)  # 70 tokens + [SEP], cut into blocks of 4
+
+
+def test_resume_adapter_flags_list_matches_the_parser() -> None:
+    """_ADAPTER_FLAGS (what --resume takes from the saved run) must name exactly the adapter group's options."""
+    from lora_lite.cli import _ADAPTER_FLAGS, build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    (group,) = [g for g in train._action_groups if g.title and g.title.startswith("adapter")]
+    assert sorted(_ADAPTER_FLAGS) == sorted(a.dest for a in group._group_actions)
