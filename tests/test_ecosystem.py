@@ -110,6 +110,33 @@ def test_checkpointing_with_backward_outside_the_steering_block_raises(key: str,
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("key", ["lora", "pissa", "dora"])
+def test_checkpointing_allows_a_no_grad_reference_pass_before_backward(key: str, reentrant: bool) -> None:
+    """DPO as TRL orders it: policy forward, then a no-grad reference pass under ll.disabled, then backward. The
+    recompute runs in the policy's state: same gradients as without checkpointing. A later step that does run
+    its forward inside the block and backward outside is still caught (the states seen are per step)."""
+    ids = llama_batch()
+
+    def dpo_step(model):
+        pol = lm_loss(model, ids)
+        with torch.no_grad(), ll.disabled(model):
+            ref = lm_loss(model, ids)
+        (pol - ref).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want = dpo_step(_attached(key).train())
+    model = _checkpointed(key, reentrant)
+    got = dpo_step(model)
+    assert got.keys() == want.keys()
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-7), n
+    with ll.scaled(model, 0.5):
+        loss = lm_loss(model, ids)
+    with pytest.raises(ll.AdapterError, match=r"with the adapter on, but the forwards since the last backward ran "):
+        loss.backward()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 def test_checkpointing_with_backward_inside_the_scaled_block_matches_no_checkpointing(reentrant: bool) -> None:
     ids = llama_batch()
     ref = _attached("lora").train()

@@ -57,7 +57,8 @@ class _LayerState:
     enabled: bool = True
     coef: float = 1.0  # steering coefficient (ll.scaled)
     writable: torch.Tensor | None = None  # during a hook call: the base output, if safe to update in place
-    forward_state: tuple[bool, float] = (True, 1.0)  # (enabled, coef) of the last call outside backward
+    forward_states: set[tuple[bool, float]] = field(default_factory=set)  # (enabled, coef) of calls since a recompute
+    recomputed: bool = False  # a checkpointed forward of this layer was recomputed in backward since the last call
     cache: dict[str, Any] = field(default_factory=dict)  # variant-private, never saved (e.g. frozen norms)
 
 
@@ -102,18 +103,26 @@ def _saved_config(state: _ModelState) -> LoraLiteConfig:
 
 def _same_state_as_forward(st: _LayerState) -> None:
     """Gradient checkpointing re-runs a block's forward during backward, with the state (ll.disabled, ll.scaled)
-    of that moment: raise if it differs from the state of the last forward, which it would silently replace.
-    Skipped under torch.compile (the task-id query, an int, would break the graph at every hook)."""
+    of that moment: raise if no forward since the last backward ran in that state, as the recompute would then
+    silently compute the gradients of another model. Any earlier state counts, so a no-grad reference pass
+    between the forward and its backward (DPO, as TRL orders it) passes. Skipped under torch.compile (the
+    task-id query, an int, would break the graph at every hook)."""
     if torch.compiler.is_compiling():
         return
+    now = (st.enabled, st.coef)
     if torch._C._current_graph_task_id() == -1:  # not inside a backward pass: an ordinary call
-        st.forward_state = (st.enabled, st.coef)
-    elif (st.enabled, st.coef) != st.forward_state:
-        was, now = st.forward_state, (st.enabled, st.coef)
+        if st.recomputed:  # the first call after a backward: a new step
+            st.forward_states.clear()
+            st.recomputed = False
+        st.forward_states.add(now)
+        return
+    st.recomputed = True
+    if now not in st.forward_states:
+        was = " or ".join(sorted(map(_describe, st.forward_states))) or "never run"
         raise AdapterError(
             f"{st.name}: a checkpointed forward is being recomputed during backward with the adapter "
-            f"{_describe(now)}, but the last forward ran with it {_describe(was)}: the gradients would be those "
-            "of the wrong model. With gradient checkpointing, call backward inside the same ll.disabled / "
+            f"{_describe(now)}, but the forwards since the last backward ran with it {was}: the gradients would be "
+            "those of the wrong model. With gradient checkpointing, call backward inside the same ll.disabled / "
             "ll.scaled block as the forward (for a loss over several coefficients: one backward per block, "
             "the gradients accumulate), or turn checkpointing off. Zero the gradients before retrying."
         )
