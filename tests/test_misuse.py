@@ -291,6 +291,32 @@ def test_deepcopy_of_an_attached_model_is_independent() -> None:
         assert torch.equal(c(snap_x), Toy()(snap_x))
 
 
+@pytest.mark.parametrize("variant", ["lora", "pissa"])
+@pytest.mark.parametrize("block", ["disabled", "scaled"])
+def test_copying_inside_a_steering_block_raises_and_outside_it_works(variant: str, block: str, tmp_path) -> None:
+    """A copy taken inside ll.disabled / ll.scaled would keep that state for good (nothing resets it, and for
+    pissa its weight would be the swapped-in original): deepcopy and pickling refuse; after the block they work."""
+    import pickle
+
+    m, x = _attached(variant), _x()
+    with torch.no_grad():
+        y = m(x)
+    with ll.disabled(m) if block == "disabled" else ll.scaled(m, 0.5):
+        with pytest.raises(
+            ll.AdapterError, match=r"copied or pickled inside ll.disabled / ll.scaled.*ll.detach\(copy\)"
+        ):
+            copy.deepcopy(m)
+        with pytest.raises(ll.AdapterError, match="copied or pickled inside"):
+            pickle.dumps(m)
+    c = copy.deepcopy(m)
+    with torch.no_grad():
+        assert torch.equal(c(x), y) and torch.equal(pickle.loads(pickle.dumps(m))(x), y)
+        with ll.disabled(c):
+            base = c(x)
+        ll.detach(c)
+        assert torch.equal(c(x), base)
+
+
 def test_wrong_objects_give_documented_errors() -> None:
     with pytest.raises(ll.AdapterError, match="must be a torch.nn.Module"):
         ll.attach("model", ll.LoraLiteConfig())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_merge import _adapted, _gpt2, perturb, rel
@@ -159,9 +160,22 @@ def test_scaled_nests_restores_on_exception_and_validates() -> None:
             raise ValueError
         assert all(st.coef == 0.5 for st in states)
     assert all(st.coef == 1.0 for st in states)
-    for bad in (float("nan"), float("inf"), True, "1", None):
-        with pytest.raises(ll.AdapterError, match="finite number"), ll.scaled(model, bad):
+    for bad in (float("nan"), float("inf"), True, "1", None, 1j, torch.tensor([0.5, 1.0]), torch.tensor(True)):
+        with pytest.raises(ll.AdapterError, match="finite real number"), ll.scaled(model, bad):
             pass
+    with (
+        pytest.raises(ll.AdapterError, match=r"c requires grad.*c.item\(\)"),
+        ll.scaled(model, torch.ones((), requires_grad=True)),
+    ):
+        pass
+    assert all(st.coef == 1.0 for st in states)
+    with torch.no_grad():  # numpy scalars and one-element tensors are numbers too
+        with ll.scaled(model, 0.5):
+            half = _out(model, "llama", x)
+        for c in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor([0.5], dtype=torch.float64)):
+            with ll.scaled(model, c):
+                assert all(type(st.coef) is float and st.coef == 0.5 for st in states)
+                assert torch.equal(_out(model, "llama", x), half)
     with torch.no_grad():
         assert torch.equal(_out(model, "llama", x), adapted)
 

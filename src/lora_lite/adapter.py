@@ -61,6 +61,17 @@ class _LayerState:
     recomputed: bool = False  # a checkpointed forward of this layer was recomputed in backward since the last call
     cache: dict[str, Any] = field(default_factory=dict)  # variant-private, never saved (e.g. frozen norms)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """copy.deepcopy and pickle (torch.save(model)) go through here: refuse inside ll.disabled / ll.scaled,
+        whose state (and, for pissa/antipasto, the swapped-in original weight) the copy would keep for good."""
+        if not self.enabled or self.coef != 1.0:
+            raise AdapterError(
+                f"{self.name}: the model is being copied or pickled inside ll.disabled / ll.scaled; the copy would "
+                f"keep the adapter {_describe((self.enabled, self.coef))} for good. Copy it outside the block; for a "
+                "plain copy of the base model, copy outside the block and ll.detach(copy)."
+            )
+        return self.__dict__
+
 
 @dataclass
 class _ModelState:

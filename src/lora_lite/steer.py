@@ -18,9 +18,11 @@ hooks take the usual path.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from .adapter import AdapterError, original_weight, targets
@@ -57,14 +59,28 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             st.enabled = True
 
 
+def _coefficient(c: object) -> float:
+    """c as a Python float: a real number (int, float, numpy scalar) or a one-element tensor without grad."""
+    if isinstance(c, torch.Tensor):
+        if c.requires_grad:
+            raise AdapterError(
+                "ll.scaled: c requires grad, but it is used as a Python float (no gradient would reach it); "
+                "pass c.item() or c.detach() if that is what you want"
+            )
+        if c.numel() == 1 and not c.is_complex() and c.dtype != torch.bool:
+            c = c.item()
+    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c):
+        raise AdapterError(f"ll.scaled: the coefficient c must be a finite real number, got {c!r}")
+    return float(c)
+
+
 @contextmanager
 def scaled(model: nn.Module, c: float) -> Iterator[nn.Module]:
     """Inside the block every adapter layer runs with steering coefficient `c` (0: base, 1: adapter).
 
     Blocks nest (the inner c wins until it exits); the previous coefficients are restored on exit.
     """
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
-        raise AdapterError(f"ll.scaled: the coefficient c must be a finite number, got {c!r}")
+    c = _coefficient(c)
     layers = [(layer, layer._lora_lite) for layer in targets(model).values()]
     before = [st.coef for _, st in layers]
     try:
