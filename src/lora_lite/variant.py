@@ -173,13 +173,20 @@ def add_lowrank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, inplace: bool
     on a (1024, 512) output). Values and gradients in place and out of place are the same bits (same
     kernels). Measured (2 threads, r = 8, the benchmark's Llama): in place, LoRA 1.15× → 1.14× the frozen
     base; the backward layout, 1.15× → 1.13× (paired medians over 30-40 rounds).
-    Mixed dtypes (adapter dtype ≠ the base output's): h Bᵀ is computed in h's dtype and cast to y's; under
-    torch.autocast (y, h in bf16, B the fp32 parameter) B is cast to h's dtype, as autocast's own addmm does.
+    Mixed dtypes (adapter dtype ≠ the base output's): an adapter wider than y (fp32 adapter, bf16 base) adds
+    into y cast up to its dtype and rounds the sum once, as peft does (rounding h Bᵀ to y's dtype first would
+    round twice: up to 1.4× peft's error where the update is as large as y); a narrower one computes h Bᵀ in
+    its dtype and adds it to y in y's (y never rounded through the adapter dtype). Under torch.autocast (y, h
+    in bf16, B the fp32 parameter) B is cast to h's dtype, as autocast's own addmm does, and an fp32 h (DeLoRA's
+    math) gets h Bᵀ in autocast's dtype, added to y in y's.
     Under torch.compile, torch.func transforms and forward-mode AD (`torch.autograd.forward_ad.dual_level`):
     plain out-of-place `addmm` (the compiler plans memory itself; functorch needs no custom autograd.Function;
     `_LowRank` has no jvp).
     """
     if y.dtype != h.dtype:
+        wider = torch.promote_types(y.dtype, h.dtype) == h.dtype
+        if wider and not torch.is_autocast_enabled(y.device.type):  # adapter wider: one rounding, of the sum
+            return add_lowrank(y.to(h.dtype), h, B).to(y.dtype)
         return y + F.linear(h, B).to(y.dtype)
     if B.dtype != h.dtype:  # under torch.autocast: h came out of an autocast matmul, B is the fp32 parameter
         B = B.to(h.dtype)  # (a recorded cast: B's gradient flows back in B's own dtype)

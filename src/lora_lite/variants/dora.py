@@ -141,13 +141,16 @@ class DoRA(Variant):
             if layer.bias is None:
                 return z * g  # y' = g ⊙ z
             return torch.addcmul((1 - g) * layer.bias.to(x.dtype), z, g)  # y' = b + g ⊙ (z − b), one pass
+        # Otherwise in the wider of y's and the adapter's dtype, rounded once at the end: y is never rounded
+        # through a narrower adapter dtype, nor the update through a narrower base dtype.
+        wide = torch.promote_types(y.dtype, x.dtype)
         if xd is x:  # no dropout: the base part is y - b
             b = layer.bias
-            base = y.to(x.dtype) if b is None else y.to(x.dtype) - b.to(x.dtype)
+            base = y.to(wide) if b is None else y.to(wide) - b.to(wide)
         else:  # dropout active: peft recomputes the base part on the dropped input
-            base = _x_Wt(layer, xd)
+            base = _x_Wt(layer, xd).to(wide)
         # y' = y + (g − 1) ⊙ base + h (g ⊙ B)ᵀ: g ⊙ (h Bᵀ) with g folded into B's rows, one fused addmm
-        return y + add_lowrank((g - 1) * base, h, g[:, None] * layer.lora_B).to(y.dtype)
+        return add_lowrank(y.to(wide) + (g.to(wide) - 1) * base, h, g[:, None] * layer.lora_B).to(y.dtype)
 
     @staticmethod
     def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
