@@ -400,6 +400,25 @@ def test_antipasto_identity_exact_branch_and_live_gradients_at_zero() -> None:
             assert torch.isfinite(p.grad).all() and p.grad.abs().min() > 0, f"{n}: a dead gradient at rot_T = 0"
 
 
+@pytest.mark.parametrize("max_angle", [math.pi / 3, None])
+def test_antipasto_fp64_passes_gradcheck(max_angle) -> None:
+    """An fp64 adapter builds its rotation in fp64 (it was always fp32, so fp64 gradcheck failed on rot_T)."""
+    model = Toy().double()
+    kw = {"block_size": 2, "max_angle": max_angle}
+    ll.attach(
+        model, ll.LoraLiteConfig(variant="antipasto", r=4, target_roles=ALL, dtype=torch.float64, variant_kwargs=kw)
+    )
+    _perturb(model, scale=0.5)
+    layer, x = model.layers[0].up, _x().double()
+    names = ("lora_rot_T", "lora_delta_s")
+
+    def f(rot_T, delta_s):
+        return torch.func.functional_call(layer, {"lora_rot_T": rot_T, "lora_delta_s": delta_s}, (x,))
+
+    params = tuple(getattr(layer, n).detach().clone().requires_grad_() for n in names)
+    assert torch.autograd.gradcheck(f, params)
+
+
 @pytest.mark.parametrize(
     "r, kw, msg",
     [

@@ -1,7 +1,7 @@
 """`merge`: fold the attached adapter into plain dense weights, for deployment.
 
 Every variant is affine in x, so each has a closed-form effective weight (and bias): its
-`merged_weight(layer) -> (W_eff (d_out, d_in) fp32, b_eff or None)`. `merge` writes W_eff into
+`merged_weight(layer) -> (W_eff (d_out, d_in) in fp32 (fp64 for fp64 models), b_eff or None)`. `merge` writes W_eff into
 `layer.weight` (in the layer's own layout and dtype: GPT-2 Conv1D stores Wᵀ) and removes every hook,
 `lora_*` tensor and runtime attribute; the model is then a plain model whose output equals the
 adapted one (to fp32 rounding). For weight-rewriting variants (pissa, antipasto) the merged weight

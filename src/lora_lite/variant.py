@@ -9,6 +9,7 @@ data-driven variants), then calls `forward` from a forward hook (or
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -91,7 +92,7 @@ class Variant:
     #   residual_factors(layer) -> (L (d_out, k), R (k, d_in)) with W − W_res ≈ L @ R
 
     # Optional, for ll.merge / ll.merged_state_dict / ll.export_peft:
-    #   merged_weight(layer) -> (W_eff (d_out, d_in) fp32, effective bias or None = unchanged)
+    #   merged_weight(layer) -> (W_eff (d_out, d_in) in merge_dtype(layer), effective bias or None = unchanged)
 
     @classmethod
     def scaled_forward(cls, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
@@ -129,6 +130,12 @@ def get_variant(name: str) -> type[Variant]:
 
         raise ConfigError(f"unknown variant {name!r}; registered variants: {sorted(REGISTRY)}")
     return REGISTRY[name]
+
+
+def merge_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype `merged_weight` computes in: fp32, or fp64 when the base weight or an adapter tensor is fp64."""
+    ts = [layer.weight, *(getattr(layer, n) for n in layer._lora_lite.names)]
+    return functools.reduce(torch.promote_types, [t.dtype for t in ts if t.is_floating_point()], torch.float32)
 
 
 @contextmanager

@@ -60,7 +60,7 @@ from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
 from ..target import dense_weight, set_dense_weight
-from ..variant import ParamSpec, Variant, add_lowrank, for_cache, register, writable
+from ..variant import ParamSpec, Variant, add_lowrank, for_cache, merge_dtype, register, writable
 from .pissa import top_r_svd
 
 _KWARGS = ("block_size", "max_angle")
@@ -83,13 +83,16 @@ def _consts(bs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, 
 def rotation_blocks(
     rot_T: torch.Tensor, bs: int, max_angle: float | None, c: float = 1.0, consts: tuple | None = None
 ) -> torch.Tensor:
-    """R_k = Cayley(c · clamp(skew(rot_T[k]))) for every block k at once: (n_blocks, bs, bs), fp32.
+    """R_k = Cayley(c · clamp(skew(rot_T[k]))) for every block k at once: (n_blocks, bs, bs), fp32 (fp64 for an
+    fp64 rot_T).
 
     `consts`: the (rows, cols, eye) of `_consts(bs, device)`, cached by the caller.
     """
     rows, cols, eye = consts if consts is not None else _consts(bs, rot_T.device)
-    T = rot_T.new_zeros((rot_T.shape[0], bs, bs), dtype=torch.float32)
-    T[:, rows, cols] = rot_T.float()  # upper triangle
+    dt = torch.promote_types(rot_T.dtype, torch.float32)
+    eye = eye.to(dt)
+    T = rot_T.new_zeros((rot_T.shape[0], bs, bs), dtype=dt)
+    T[:, rows, cols] = rot_T.to(dt)  # upper triangle
     A = 0.5 * (T - T.transpose(-1, -2))
     if max_angle is not None:
         a = 2 * math.tan(max_angle / 2)
@@ -184,10 +187,10 @@ class AntiPaSTO(Variant):
 
     @staticmethod
     def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W_res + U diag(S + δs) (R Vh) at c = 1 (fp32, (d_out, d_in)); bias unchanged."""
-        cfg, bs = layer._lora_lite.cfg, block_size(layer._lora_lite.cfg)
-        R = rotation_blocks(layer.lora_rot_T, bs, max_angle(cfg))
-        Vh = layer.lora_Vh.float()
+        """W_res + U diag(S + δs) (R Vh) at c = 1 ((d_out, d_in), merge_dtype); bias unchanged."""
+        cfg, bs, dt = layer._lora_lite.cfg, block_size(layer._lora_lite.cfg), merge_dtype(layer)
+        R = rotation_blocks(layer.lora_rot_T, bs, max_angle(cfg)).to(dt)
+        Vh = layer.lora_Vh.to(dt)
         Vh_rot = (R @ Vh.view(-1, bs, Vh.shape[1])).view_as(Vh)
-        US = layer.lora_U.float() * (layer.lora_S.float() + layer.lora_delta_s.float())
-        return dense_weight(layer) + US @ Vh_rot, None
+        US = layer.lora_U.to(dt) * (layer.lora_S.to(dt) + layer.lora_delta_s.to(dt))
+        return dense_weight(layer, dt) + US @ Vh_rot, None

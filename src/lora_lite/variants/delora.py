@@ -46,7 +46,7 @@ from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
 from ..target import dense_weight
-from ..variant import ParamSpec, Variant, add_lowrank, dropout, register, writable
+from ..variant import ParamSpec, Variant, add_lowrank, dropout, merge_dtype, register, writable
 
 
 def _lambda(cfg: LoraLiteConfig) -> float:
@@ -97,7 +97,8 @@ class DeLoRA(Variant):
 
     @staticmethod
     def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W + B Ξ A diag(wnorm), Ξ = diag(λ/r / (‖A_i‖‖B_i‖)) (fp32, (d_out, d_in)); bias unchanged."""
-        A, B, r = layer.lora_A.float(), layer.lora_B.float(), layer._lora_lite.cfg.r
-        xi = (layer.lora_lambda.float() / r) / (A.norm(dim=1).clamp(min=1e-4) * B.norm(dim=0).clamp(min=1e-4))
-        return dense_weight(layer) + ((B * xi) @ A) * layer.lora_wnorm.float(), None
+        """W + B Ξ A diag(wnorm), Ξ = diag(λ/r / (‖A_i‖‖B_i‖)) ((d_out, d_in), merge_dtype); bias unchanged."""
+        dt = merge_dtype(layer)
+        A, B, r = layer.lora_A.to(dt), layer.lora_B.to(dt), layer._lora_lite.cfg.r
+        xi = (layer.lora_lambda.to(dt) / r) / (A.norm(dim=1).clamp(min=1e-4) * B.norm(dim=0).clamp(min=1e-4))
+        return dense_weight(layer, dt) + ((B * xi) @ A) * layer.lora_wnorm.to(dt), None

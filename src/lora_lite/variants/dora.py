@@ -67,7 +67,7 @@ from torch import nn
 
 from ..config import LoraLiteConfig
 from ..target import dense_weight, is_conv1d, is_quantized
-from ..variant import ParamSpec, Variant, add_lowrank, dropout, for_cache, register, writable
+from ..variant import ParamSpec, Variant, add_lowrank, dropout, for_cache, merge_dtype, register, writable
 
 
 def _x_Wt(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -154,6 +154,7 @@ class DoRA(Variant):
 
     @staticmethod
     def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(m / ‖V‖_row)[:, None] · V, V = W + s·B A (fp32, (d_out, d_in)); bias unchanged."""
-        V = dense_weight(layer) + layer._lora_lite.scale * (layer.lora_B.float() @ layer.lora_A.float())
-        return (layer.lora_m.float() / V.norm(dim=1))[:, None] * V, None
+        """(m / ‖V‖_row)[:, None] · V, V = W + s·B A ((d_out, d_in), merge_dtype); bias unchanged."""
+        dt = merge_dtype(layer)
+        V = dense_weight(layer, dt) + layer._lora_lite.scale * (layer.lora_B.to(dt) @ layer.lora_A.to(dt))
+        return (layer.lora_m.to(dt) / V.norm(dim=1))[:, None] * V, None

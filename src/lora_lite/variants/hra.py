@@ -51,7 +51,7 @@ from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
 from ..target import dense_weight
-from ..variant import ParamSpec, Variant, register
+from ..variant import ParamSpec, Variant, merge_dtype, register
 
 
 def symmetric_init(t: torch.Tensor) -> None:
@@ -137,8 +137,9 @@ class HRA(Variant):
 
     @staticmethod
     def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W Q (fp32); bias unchanged. householder_product on the rows of I gives Qᵀ."""
-        U = layer.lora_U.float()
+        """W Q (merge_dtype); bias unchanged. householder_product on the rows of I gives Qᵀ."""
+        dt = merge_dtype(layer)
+        U = layer.lora_U.to(dt)
         gs = layer._lora_lite.cfg.variant_kwargs.get("apply_GS", False)
-        Qt = householder_product(U, torch.eye(U.shape[1], device=U.device), gs)
-        return dense_weight(layer) @ Qt.T, None
+        Qt = householder_product(U, torch.eye(U.shape[1], device=U.device, dtype=dt), gs)
+        return dense_weight(layer, dt) @ Qt.T, None

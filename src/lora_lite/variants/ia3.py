@@ -40,7 +40,7 @@ from torch import nn
 
 from ..config import ROLES, ConfigError, LoraLiteConfig
 from ..target import dense_weight
-from ..variant import ParamSpec, Variant, register
+from ..variant import ParamSpec, Variant, merge_dtype, register
 
 _FF_KWARGS = ("feedforward_names", "feedforward_roles")
 
@@ -100,10 +100,11 @@ class IA3(Variant):
 
     @staticmethod
     def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """diag(g) W and g ⊙ b (fp32): the bias is gated too."""
-        g = layer.lora_g.float()
-        b = None if layer.bias is None else g * layer.bias.float()
-        return g[:, None] * dense_weight(layer), b
+        """diag(g) W and g ⊙ b (merge_dtype): the bias is gated too."""
+        dt = merge_dtype(layer)
+        g = layer.lora_g.to(dt)
+        b = None if layer.bias is None else g * layer.bias.to(dt)
+        return g[:, None] * dense_weight(layer, dt), b
 
 
 @register
@@ -132,5 +133,6 @@ class IA3FF(Variant):
 
     @staticmethod
     def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W diag(g) (fp32); bias unchanged."""
-        return dense_weight(layer) * layer.lora_g.float(), None
+        """W diag(g) (merge_dtype); bias unchanged."""
+        dt = merge_dtype(layer)
+        return dense_weight(layer, dt) * layer.lora_g.to(dt), None

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import LoraLiteConfig
 from ..target import dense_weight
-from ..variant import ParamSpec, Variant, add_lowrank, dropout, register, writable
+from ..variant import ParamSpec, Variant, add_lowrank, dropout, merge_dtype, register, writable
 
 
 @register
@@ -51,6 +51,6 @@ class LoRA(Variant):
 
     @staticmethod
     def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W + s·B A (fp32, (d_out, d_in)); bias unchanged."""
-        s = layer._lora_lite.scale
-        return dense_weight(layer) + s * (layer.lora_B.float() @ layer.lora_A.float()), None
+        """W + s·B A ((d_out, d_in), fp32 or fp64: merge_dtype); bias unchanged."""
+        s, dt = layer._lora_lite.scale, merge_dtype(layer)
+        return dense_weight(layer, dt) + s * (layer.lora_B.to(dt) @ layer.lora_A.to(dt)), None
