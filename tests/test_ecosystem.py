@@ -246,6 +246,66 @@ def test_compile_aot_eager_other_variants(key: str) -> None:
     _compile_matches_eager(key, "aot_eager")
 
 
+def test_compiled_dora_follows_a_base_weight_load() -> None:
+    """Under compile DoRA's ‖W‖² is recomputed each call: a load_state_dict of the base weights after the first
+    compiled call is seen (a cached value stayed the attach-time one: 1e-1 off, right only after an eager call)."""
+    torch._dynamo.reset()
+    model, ids = _attached("dora").eval(), llama_batch()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        compiled(ids)
+        other = tiny_llama(seed=1).state_dict()
+        model.load_state_dict({k: v for k, v in other.items() if "lora_" not in k}, strict=False)
+        y = compiled(ids).logits
+        want = model(ids).logits  # eager, whose cache is keyed on the weight's version
+    assert (y - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_compiled_pissa_first_use_of_scaled_and_disabled() -> None:
+    """ll.scaled builds pissa's original weight on entry, eagerly: the first scaled call of a compiled model
+    no longer traces its hash (dynamo refused it under fullgraph; without, a storage error)."""
+    torch._dynamo.reset()
+    ids = llama_batch()
+    ref = _attached("pissa").eval()
+    with torch.no_grad(), ll.scaled(ref, 0.5):
+        want = ref(ids).logits
+    model = _attached("pissa").eval()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        with ll.scaled(compiled, 0.5):
+            y = compiled(ids).logits
+        assert (y - want).abs().max() <= 1e-5 * want.abs().max()
+        with ll.disabled(ref):
+            base = ref(ids).logits
+        with ll.disabled(compiled):
+            assert torch.equal(compiled(ids).logits, base)
+
+
+def test_attach_through_the_compiled_wrapper_uses_the_models_own_names(tmp_path) -> None:
+    """ll.attach(torch.compile(model), cfg): targets, saved keys and the summary use the model's names, not
+    `_orig_mod.`-prefixed ones, so the file loads onto a plain base; every entry point accepts the wrapper."""
+    torch._dynamo.reset()
+    ids = llama_batch()
+    model = tiny_llama()
+    compiled = torch.compile(model, backend="aot_eager")
+    ll.attach(compiled, _cfg("lora"))
+    assert ll.is_attached(compiled) and ll.is_attached(model)
+    assert all(not n.startswith("_orig_mod") for n in ll.targets(compiled))
+    _perturb(model)
+    with torch.no_grad():
+        want = model(ids).logits
+        assert (compiled(ids).logits - want).abs().max() <= 1e-5 * want.abs().max()
+    ll.save(compiled, tmp_path / "a.safetensors")
+    assert "_orig_mod" not in ll.summary(compiled)
+    assert all(not k.startswith("_orig_mod") for k in ll.merged_state_dict(compiled))
+    fresh = tiny_llama()
+    ll.load(fresh, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, want)
+    ll.detach(compiled)
+    assert not ll.is_attached(model) and not any(p.requires_grad is False for p in model.parameters())
+
+
 # ---------------------------------------------------------------- generation with a KV cache
 
 

@@ -24,7 +24,17 @@ from torch.utils.hooks import RemovableHandle
 
 from .config import ConfigError, LoraLiteConfig
 from .original import _WIDENS, Original
-from .target import all_finite, dims, find_targets, fingerprint, is_conv1d, is_quantized, tensor_hash, weight_sharers
+from .target import (
+    all_finite,
+    dims,
+    find_targets,
+    fingerprint,
+    is_conv1d,
+    is_quantized,
+    tensor_hash,
+    unwrap,
+    weight_sharers,
+)
 from .variant import ParamSpec, Variant, for_cache, get_variant
 
 FORMAT = "lora-lite"
@@ -246,7 +256,7 @@ def _plan(model: nn.Module, cfg: LoraLiteConfig) -> list[_Target]:
 
 
 def _state(model: nn.Module) -> _ModelState:
-    st = getattr(model, _STATE, None)
+    st = getattr(unwrap(model), _STATE, None)
     if st is None:
         raise AdapterError(
             "no lora-lite adapter is attached to this model; call ll.attach(model, cfg) or ll.load first"
@@ -255,7 +265,7 @@ def _state(model: nn.Module) -> _ModelState:
 
 
 def is_attached(model: nn.Module) -> bool:
-    return getattr(model, _STATE, None) is not None
+    return getattr(unwrap(model), _STATE, None) is not None
 
 
 def _expected(plan: list[_Target], cfg: LoraLiteConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -279,6 +289,7 @@ def attach(
     """
     if not isinstance(model, nn.Module):
         raise AdapterError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
     if not isinstance(cfg, LoraLiteConfig):
         raise ConfigError(f"cfg must be a ll.LoraLiteConfig, got {type(cfg).__name__}")
     cfg.__post_init__()  # re-validate: the dataclass may have been mutated since construction
@@ -365,6 +376,7 @@ def _check_finite_init(t: _Target, cfg: LoraLiteConfig) -> None:
 
 
 def _remove(model: nn.Module) -> None:
+    model = unwrap(model)
     state: _ModelState = getattr(model, _STATE)
     for layer in state.layers.values():
         st: _LayerState | None = getattr(layer, _LAYER, None)
@@ -543,6 +555,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_nonfinite: bool = F
     No calibration data is needed (data-initialised variants load their tensors from the file).
     """
     cfg, fps, tensors = read_adapter(path)
+    model = unwrap(model)
     if is_attached(model):
         raise AdapterError("an adapter is already attached to this model; call ll.detach(model) before ll.load")
     try:

@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from .adapter import AdapterError, _remove, targets
-from .target import is_conv1d, is_quantized, weight_sharers
+from .target import is_conv1d, is_quantized, unwrap, weight_sharers
 
 
 def _checked(model: nn.Module) -> dict[str, nn.Module]:
     """The target layers, after every check that could refuse the merge (nothing is changed here)."""
     layers = targets(model)  # raises if nothing is attached
-    owners = weight_sharers(model)
+    owners = weight_sharers(unwrap(model))
     for name, layer in layers.items():
         st = layer._lora_lite
         if is_quantized(layer):
@@ -81,7 +81,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     No lora_* keys; loads into a fresh copy of the base model with `load_state_dict(strict=True)`.
     """
     layers = _checked(model)
-    sd = model.state_dict()
+    sd = unwrap(model).state_dict()
     for name, layer in layers.items():
         for p in layer._lora_lite.names:
             sd.pop(f"{name}.{p}", None)

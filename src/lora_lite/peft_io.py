@@ -34,7 +34,7 @@ from torch import nn
 
 from .adapter import AdapterError, LoadError, _plan, _state, _write_atomic, attach, detach, targets
 from .config import _DTYPES, LoraLiteConfig
-from .target import all_finite, dense_weight, is_conv1d, is_linear_like
+from .target import all_finite, dense_weight, is_conv1d, is_linear_like, unwrap
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -280,7 +280,7 @@ def import_peft(
     """
     from safetensors.torch import load_file
 
-    path = Path(path)
+    model, path = unwrap(model), Path(path)
     if not (path / CONFIG_NAME).is_file():
         raise LoadError(f"{str(path)!r} is not a peft adapter directory (no {CONFIG_NAME})")
     if not (path / WEIGHTS_NAME).is_file():

@@ -82,6 +82,10 @@ def scaled(model: nn.Module, c: float) -> Iterator[nn.Module]:
     """
     c = _coefficient(c)
     layers = [(layer, layer._lora_lite) for layer in targets(model).values()]
+    if c != 1.0:  # before any change; eagerly, so a compiled model's first scaled call need not trace it
+        for layer, st in layers:
+            if st.variant.scaled_reads_original:
+                original_weight(layer)
     before = [st.coef for _, st in layers]
     try:
         for _, st in layers:

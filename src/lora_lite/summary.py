@@ -14,7 +14,7 @@ from torch import nn
 
 from .adapter import _plan, _state, is_attached
 from .config import LoraLiteConfig
-from .target import dims
+from .target import dims, unwrap
 
 
 def _base_numel(model: nn.Module) -> int:
@@ -84,6 +84,7 @@ def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
     The last lines give the targets per role and the trainable parameter count and its percentage of
     all the model's parameters (base + adapter). Nothing in the model is changed.
     """
+    model = unwrap(model)
     rows, cfg, attached = _rows(model, cfg)
     trainable, total, roles = _totals(model, rows, attached)
     head = ("layer", "role", "variant", "shape", "base", "trainable")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from collections import Counter
 
 import torch
@@ -24,6 +25,14 @@ _BLOCK_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)(?:\.|$)")
 
 class TargetError(ValueError):
     """Targeting matched nothing, or a target cannot carry the requested variant."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module `torch.compile` wrapped (`OptimizedModule._orig_mod`), else `model` itself: every public
+    function works on the model's own module names, so an adapter attached through the compiled wrapper
+    saves the keys a plain model loads (not `_orig_mod.`-prefixed ones)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # (never imported here: only compile users have it)
+    return model._orig_mod if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule) else model
 
 
 def is_linear_like(m: nn.Module) -> bool:

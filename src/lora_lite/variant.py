@@ -64,6 +64,9 @@ class Variant:
     rewrites_weight: bool = False
     # True for variants that read dense values of `layer.weight` in init or forward.
     reads_weight: bool = False
+    # True when scaled_forward reads `adapter.original_weight(layer)` (pissa): ll.scaled builds it on entry,
+    # outside any compiled code (its first build hashes W_res, which dynamo cannot trace).
+    scaled_reads_original: bool = False
     # The variant_kwargs keys it accepts; any other key is a ConfigError (a typo must not train the default).
     # None: not checked by the config (a custom variant's own `validate` may check them).
     kwargs: tuple[str, ...] | None = None

@@ -88,9 +88,9 @@ def _w_sq(layer: nn.Module) -> torch.Tensor:
     from: another tensor (`model.to(dtype/device)`), written in place since (its version counter moved: e.g.
     `load_state_dict` of a full checkpoint), or another norm dtype."""
     cache, w = layer._lora_lite.cache, layer.weight
-    if torch.compiler.is_compiling() and "w_sq" in cache:  # (dynamo cannot compare data pointers)
-        return cache["w_sq"]
-    if torch._C._are_functorch_transforms_active():  # (torch.func: wrapped tensors, no storage to key on)
+    # Uncached under torch.compile (dynamo cannot key on data pointers; a cached value went stale after a
+    # load_state_dict, 1e-1 off) and torch.func (wrapped tensors, no storage to key on): one pass over W.
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         W = dense_weight(layer, _norm_dtype(layer))
         return (W * W).sum(1)
     key = (w.data_ptr(), w._version, w.dtype, w.device, _norm_dtype(layer))

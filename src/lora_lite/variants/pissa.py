@@ -81,6 +81,7 @@ class PiSSA(LoRA):
     name = "pissa"
     kwargs = _KWARGS
     rewrites_weight = True
+    scaled_reads_original = True
     reads_weight = True
     # forward is LoRA's. The tensors are LoRA's too, created as zeros (init overwrites them: no kaiming draw,
     # so attaching pissa leaves the caller's RNG stream untouched).
