@@ -130,6 +130,7 @@ class Case:
     ours: dict[str, Any] | None  # LoraLiteConfig kwargs (besides r, alpha, targets)
     peft: Callable[[Size], Any] | None  # size -> peft config
     calib: bool = False  # eva: data-driven init
+    attach: dict[str, Any] = field(default_factory=dict)  # extra ll.attach kwargs
 
 
 def _lora(size: Size, **kw):
@@ -167,6 +168,13 @@ CASES: list[Case] = [
     Case("lora", {}, _lora),
     Case("rslora", {"variant": "lora", "variant_kwargs": {"use_rslora": True}}, lambda s: _lora(s, use_rslora=True)),
     Case("pissa", {}, lambda s: _lora(s, init_lora_weights="pissa")),
+    # pissa keeping nothing to restore the base weight, as peft: same adapter and step, detach raises
+    Case(
+        "pissa_nokeep",
+        {"variant": "pissa"},
+        lambda s: _lora(s, init_lora_weights="pissa"),
+        attach={"keep_original": False},
+    ),
     Case("dora", {}, lambda s: _lora(s, use_dora=True)),
     Case("delora", {}, _delora),
     Case("ia3", {}, _ia3),
@@ -230,7 +238,7 @@ def build(label: str, case: Case | None, template: torch.nn.Module, size: Size, 
             p.requires_grad_(False)
         _mark_outputs(model)
     elif label == "ours":
-        ll.attach(model, ours_cfg(case, size), calibration_data=calib if case.calib else None)
+        ll.attach(model, ours_cfg(case, size), calibration_data=calib if case.calib else None, **case.attach)
     else:
         from peft import get_peft_model
 
@@ -638,6 +646,12 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {mem(o)} | {mem(p)} | {g(o, 'trainable', ',d')} / {g(p, 'trainable', ',d')} "
             f"| {init(o)} | {init(p)} |"
         )
+    if any(r["variant"] == "pissa_nokeep" for r in res["variants"]):
+        lines += [
+            "",
+            "pissa_nokeep: pissa attached with `keep_original=False`, keeping nothing to restore the base weight "
+            "(as peft's PiSSA); the same adapter and train step, but `ll.detach` and `ll.disabled` raise.",
+        ]
     if capped:
         lines += [
             "",

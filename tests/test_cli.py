@@ -116,6 +116,30 @@ def test_resume_equals_one_straight_run(model_dir, text_file, tmp_path) -> None:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
 
 
+def test_train_keeps_no_original_for_pissa_and_its_adapter_still_detaches_exactly(
+    model_dir, text_file, tmp_path, monkeypatch
+) -> None:
+    """train never detaches, so it attaches (and resumes) with keep_original=False; the adapter it saves is the
+    same, and a user who loads it with the default gets a model whose detach gives the base back bit for bit."""
+    seen = []
+    for fn in ("attach", "load"):
+        real = getattr(ll, fn)
+        monkeypatch.setattr(
+            ll, fn, lambda *a, _real=real, **kw: seen.append(kw.get("keep_original")) or _real(*a, **kw)
+        )
+    out = tmp_path / "pissa"
+    assert main(_train_args(model_dir, text_file, out, 2, "--variant", "pissa")) == 0
+    assert main(_train_args(model_dir, text_file, out, 3, "--resume")) == 0
+    assert seen == [False, False]
+    monkeypatch.undo()
+    model = _fresh(model_dir)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    ll.load(model, out / "adapter.safetensors")
+    assert ll.targets(model) and all(layer._lora_lite.original is not None for layer in ll.targets(model).values())
+    ll.detach(model)
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+
+
 def test_eval_reports_base_and_adapted(trained, model_dir, text_file, tmp_path, capsys) -> None:
     words = text_file.read_text().split()
     data = tmp_path / "eval.jsonl"  # the JSONL path: one record per 40 words, text under "body"

@@ -64,6 +64,7 @@ class _LayerState:
     original: Original | None = None  # rewriting variants: what restores the weight before attach (original.py)
     fingerprint: str | None = None  # of the base weight before attach (save/load)
     residual_hash: str | None = None  # of W_res right after init, when `original` needs it to rebuild the weight
+    original_dropped: bool = False  # attached with keep_original=False: no `original`, so no detach / ll.disabled
     enabled: bool = True
     coef: float = 1.0  # steering coefficient (ll.scaled)
     writable: torch.Tensor | None = None  # during a hook call: the base output, if safe to update in place
@@ -280,15 +281,22 @@ def attach(
     cfg: LoraLiteConfig,
     calibration_data: Any = None,
     *,
+    keep_original: bool = True,
     _skip_group_init: bool = False,
 ) -> list[str]:
     """Add the adapter described by `cfg` to `model` in place; return the names of the targeted layers.
 
     Every base parameter is frozen; only trainable `lora_*` tensors require grad. If anything
     fails half way, everything added so far is removed and the model is as before.
+
+    keep_original=False (pissa, antipasto; no effect on other variants): do not keep what restores the
+    weight they rewrote (original.py), as peft keeps nothing. Saves its memory after attach; `detach`,
+    `ll.disabled`, pissa's `ll.scaled` and pissa's `export_peft` then raise (`merge`, save, load still work).
     """
     if not isinstance(model, nn.Module):
         raise AdapterError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(keep_original, bool):
+        raise AdapterError(f"keep_original must be True or False, got {keep_original!r}")
     model = unwrap(model)
     if not isinstance(cfg, LoraLiteConfig):
         raise ConfigError(f"cfg must be a ll.LoraLiteConfig, got {type(cfg).__name__}")
@@ -343,11 +351,34 @@ def attach(
     except BaseException:
         _remove(model)
         raise
+    if not keep_original:  # only now: a failed attach above still restored every weight from its original
+        _drop_originals(model)
     if _log.isEnabledFor(logging.INFO):
         from .summary import one_line
 
         _log.info(one_line(model))
     return [t.name for t in plan]
+
+
+def _drop_originals(model: nn.Module) -> None:
+    """keep_original=False: free what restores the rewritten weights (pissa, antipasto); detach can no longer."""
+    for layer in _state(model).layers.values():
+        st: _LayerState = layer._lora_lite
+        if st.original is not None:
+            st.original, st.residual_hash, st.original_dropped = None, None, True
+            st.cache.pop("original", None)
+
+
+def require_original(layer: nn.Module, what: str) -> None:
+    """Raise if `what` needs the weight a rewriting variant replaced and attach did not keep it."""
+    st: _LayerState = layer._lora_lite
+    if st.original_dropped:
+        raise AdapterError(
+            f"{st.name}: {what} needs the original base weight, which {st.variant.name!r} replaced by its residual "
+            "at attach, and this adapter was attached with keep_original=False, so it was not kept; nothing was "
+            "changed. Attach with keep_original=True (the default) to use it. To get the base model back, reload "
+            "it; ll.merge(model) gives a plain model with the adapter folded in."
+        )
 
 
 def _compact_original(layer: nn.Module, dense: Original) -> Original:
@@ -403,6 +434,7 @@ def original_weight(layer: nn.Module) -> torch.Tensor:
     so that repeated `ll.disabled` / `ll.scaled` blocks (a DPO reference model every step) cost nothing
     after the first: the memory of a dense copy, paid only by models that use them. detach frees it.
     """
+    require_original(layer, "original_weight")
     st: _LayerState = layer._lora_lite
     w_res = st.cache.get("w_res", layer.weight.data)  # inside ll.disabled, layer.weight is the original itself
     W0 = _cached_original(st, w_res)
@@ -444,6 +476,7 @@ def detach(model: nn.Module) -> None:
     state = _state(model)
     for layer in state.layers.values():  # every check before the first change
         st = layer._lora_lite
+        require_original(layer, "ll.detach (which restores it)")
         if st.original is not None and "w_res" not in st.cache and _cached_original(st, layer.weight.data) is None:
             _check_residual(layer)  # (what _remove's original_weight would check half way through)
     _remove(model)
@@ -548,12 +581,17 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraLiteConfig, dict[str, str
     return cfg, fps, tensors
 
 
-def load(model: nn.Module, path: str | os.PathLike, *, allow_nonfinite: bool = False) -> list[str]:
+def load(
+    model: nn.Module, path: str | os.PathLike, *, allow_nonfinite: bool = False, keep_original: bool = True
+) -> list[str]:
     """Attach the adapter saved in `path` (config from the file) and load its tensors strictly.
 
     Every check runs before the model is touched: on any error the model is unchanged.
     No calibration data is needed (data-initialised variants load their tensors from the file).
+    keep_original: as in `attach`.
     """
+    if not isinstance(keep_original, bool):
+        raise AdapterError(f"keep_original must be True or False, got {keep_original!r}")
     cfg, fps, tensors = read_adapter(path)
     model = unwrap(model)
     if is_attached(model):
@@ -603,4 +641,6 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_nonfinite: bool = F
     except BaseException:
         detach(model)
         raise
+    if not keep_original:
+        _drop_originals(model)
     return names

@@ -378,8 +378,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     train, held = split_blocks(make_blocks(texts, tok, args.seq_len), args.holdout, args.seed)
     print(f"data: {len(train)} training blocks, {len(held)} held-out blocks of {args.seq_len} tokens")
 
+    # keep_original=False: this process never detaches or disables the adapter, so pissa/antipasto keep nothing
+    # to restore the base weight they rewrote (the memory of ~1/10 of those weights; the saved adapter is the same)
     if args.resume:
-        ll.load(model, adapter_path)
+        ll.load(model, adapter_path, keep_original=False)
         start = int(prev["step"])
         history = prev.get("history", [])
     else:
@@ -389,7 +391,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ]
         for b in calib:
             b["attention_mask"] = torch.ones_like(b["input_ids"])
-        ll.attach(model, cfg, calibration_data=calib)
+        ll.attach(model, cfg, calibration_data=calib, keep_original=False)
         start, history = 0, []
     named = _trainable(model)
     names = [n for n, _ in named]

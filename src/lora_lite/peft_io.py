@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import AdapterError, LoadError, _plan, _state, _write_atomic, attach, detach, targets
+from .adapter import AdapterError, LoadError, _plan, _state, _write_atomic, attach, detach, require_original, targets
 from .config import _DTYPES, LoraLiteConfig
 from .target import all_finite, dense_weight, is_conv1d, is_linear_like, unwrap
 
@@ -70,6 +70,7 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _pissa_initial(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(A₀, B₀) with s·B₀A₀ = W − W_res: the principal part pissa moved out of the weight at attach."""
+    require_original(layer, "export_peft (pissa's B₀A₀ = (W − W_res)/s)")
     st = layer._lora_lite
     W0 = st.original.weight(layer.weight.data).float()
     W0 = W0.t() if is_conv1d(layer) else W0

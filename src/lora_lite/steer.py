@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapter import AdapterError, original_weight, targets
+from .adapter import AdapterError, original_weight, require_original, targets
 
 
 def _same_state(layer: nn.Module, st: object) -> bool:
@@ -37,6 +37,8 @@ def _same_state(layer: nn.Module, st: object) -> bool:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes exactly its base output; the adapter is restored on exit."""
     layers = [(layer, layer._lora_lite) for layer in targets(model).values()]
+    for layer, _ in layers:  # before any change
+        require_original(layer, "ll.disabled (the base model)")
     turned_off, swapped = [], []
     try:
         for layer, st in layers:
@@ -85,6 +87,7 @@ def scaled(model: nn.Module, c: float) -> Iterator[nn.Module]:
     if c != 1.0:  # before any change; eagerly, so a compiled model's first scaled call need not trace it
         for layer, st in layers:
             if st.variant.scaled_reads_original:
+                require_original(layer, f"ll.scaled(model, {c}) (which interpolates against the base layer)")
                 original_weight(layer)
     before = [st.coef for _, st in layers]
     try:

@@ -108,4 +108,6 @@ def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
         f"{len(rows)} targets ({roles})"
     )
     lines.append(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4g}%)")
+    if attached and any(layer._lora_lite.original_dropped for *_, layer, _ in rows):
+        lines.append("original weights not kept (keep_original=False): ll.detach and ll.disabled raise; ll.merge works")
     return "\n".join(lines)
