@@ -380,25 +380,28 @@ def pissa_fast_vs_exact(
             if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {})
         }
 
+    libs = [lib for lib in ("ours", "peft") if lib == "peft" or "pissa" in ll.REGISTRY]
+    arms = [(lib, mode) for lib in libs for mode in ("exact", "fast")]
+    times: dict[tuple[str, str], list[float]] = {a: [] for a in arms}
     deltas = {}
-    for lib in ("ours", "peft"):
-        if lib == "ours" and "pissa" not in ll.REGISTRY:
-            continue
-        for mode in ("exact", "fast"):
-            times = []
-            for _ in range(INIT_REPEATS):  # the median of a few: one attach is a short, noisy measurement
-                model = copy.deepcopy(template)
-                t0 = time.perf_counter()
-                if lib == "ours":
-                    kw = {"variant_kwargs": {"svd_niter": niter}} if mode == "fast" else {}
-                    ll.attach(model, ours_cfg_fn(**kw))
-                else:
-                    model = get_peft_model(model, peft_cfg_fn(f"pissa_niter_{niter}" if mode == "fast" else "pissa"))
-                times.append(time.perf_counter() - t0)
-            out[f"{lib}_{mode}_init_s"] = statistics.median(times)
-            with torch.no_grad():
-                deltas[(lib, mode)] = (delta_ours if lib == "ours" else delta_peft)(model)
+    for rep in range(INIT_REPEATS):  # the median of a few: one attach is a short, noisy measurement
+        # interleaved, in a fresh order each repeat, so a slow spell of the machine hits both libraries alike
+        for lib, mode in random.Random(rep).sample(arms, len(arms)):
+            model = copy.deepcopy(template)
+            t0 = time.perf_counter()
+            if lib == "ours":
+                kw = {"variant_kwargs": {"svd_niter": niter}} if mode == "fast" else {}
+                ll.attach(model, ours_cfg_fn(**kw))
+            else:
+                model = get_peft_model(model, peft_cfg_fn(f"pissa_niter_{niter}" if mode == "fast" else "pissa"))
+            times[(lib, mode)].append(time.perf_counter() - t0)
+            if rep == 0:
+                with torch.no_grad():
+                    deltas[(lib, mode)] = (delta_ours if lib == "ours" else delta_peft)(model)
             del model
+    for lib in libs:
+        for mode in ("exact", "fast"):
+            out[f"{lib}_{mode}_init_s"] = statistics.median(times[(lib, mode)])
         # per layer: ||sBA_fast - sBA_exact||_F / ||sBA_exact||_F, and the fraction of the exact rank-r
         # factor's energy ||sBA||_F^2 that the fast one captures (1.0: as good as the exact SVD); worst and median
         f, e = deltas[(lib, "fast")], deltas[(lib, "exact")]
@@ -486,7 +489,9 @@ def _run(
         print(f"built {label:4s} {arms[-1].variant:10s} init {arms[-1].init_s:7.3f}s", file=sys.stderr)
 
     t_start = time.perf_counter()
+    steal0 = _cpu_steal()
     time_rounds(arms, ids, warmup, rounds, random.Random(seed))
+    steal_rounds = _steal_share(steal0, _cpu_steal())
 
     # memory pass after timing, one model at a time, only that model alive besides the template
     keep = [(a.label, a.variant, a.init_s, a.trainable, a.times, a.cpu, a.capped) for a in arms]
@@ -531,6 +536,7 @@ def _run(
         results.append(r)
 
     pissa = []
+    steal0 = _cpu_steal()
     if "pissa" in variants:
         case = next(c for c in CASES if c.name == "pissa")
         label = f"this benchmark's Llama (random init, h{size.hidden})"
@@ -542,6 +548,7 @@ def _run(
         if minilm:
             pissa.append(pissa_on_minilm(size, 4))
         pissa = [p for p in pissa if p]
+    steal_init = _steal_share(steal0, _cpu_steal()) if pissa else None
 
     return {
         "size": size.__dict__,
@@ -561,6 +568,7 @@ def _run(
         },
         "base": {k: base[k] for k in ("step_s", "cpu_s", "init_s", "trainable", "peak_mb", "step_s_all")},
         "load_avg": _loadavg(),
+        "steal": {"timed_rounds": steal_rounds, "pissa_init": steal_init},
         "variants": results,
         "pissa_fast_init": pissa,
         "not_in_lora_lite": missing_ours,
@@ -582,6 +590,23 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def _cpu_steal() -> tuple[int, int] | None:
+    """(steal, total) CPU ticks of the whole machine since boot, from /proc/stat (Linux), else None."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks[:8])
+
+
+def _steal_share(a: tuple[int, int] | None, b: tuple[int, int] | None) -> float | None:
+    """The share of CPU time between two `_cpu_steal` readings that the hypervisor gave to other guests
+    (on a shared VM a high share means the run was slowed, unevenly, by someone else's load)."""
+    if a is None or b is None or b[1] <= a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1])
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -597,6 +622,12 @@ def _cpu_name() -> str:
 
 def _fmt(x: float | None, spec: str) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _steal_note(share: float | None, during: str) -> str:
+    if share is None:
+        return ""
+    return f" CPU steal during the {during}: {100 * share:.1f}% (the hypervisor running other guests on our cores)."
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -616,7 +647,8 @@ def markdown(res: dict[str, Any]) -> str:
             else ""
         ),
         "",
-        f"Frozen base: {b['step_s'] * 1000:.1f} ms/step, peak {b['peak_mb']:.1f} MiB.",
+        f"Frozen base: {b['step_s'] * 1000:.1f} ms/step, peak {b['peak_mb']:.1f} MiB."
+        + _steal_note((res.get("steal") or {}).get("timed_rounds"), "timed rounds"),
         "",
         "| variant | ours ms/step | peft ms/step | ours / base | peft / base | ours / peft "
         "| CPU ours / base | CPU peft / base | peak MiB ours (+ over base) | peak MiB peft (+ over base) "
@@ -663,7 +695,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [
             "",
             f"PiSSA init on {pz['model']}, exact SVD vs randomized (niter={pz['niter']}): seconds (median of "
-            f"{pz.get('repeats', 1)} attaches), and the fast "
+            f"{pz.get('repeats', 1)} attaches of each, the two libraries interleaved), and the fast "
             "factor's error per layer (worst / median over layers): ‖sBA_fast − sBA_exact‖_F / ‖sBA_exact‖_F, and "
             "the fraction of the exact factor's energy ‖sBA‖²_F that the fast one captures.",
             "",
@@ -677,6 +709,9 @@ def markdown(res: dict[str, Any]) -> str:
                     f"| {pz[f'{lib}_fast_rel_err']:.3f} / {pz[f'{lib}_fast_rel_err_median']:.3f} "
                     f"| {pz[f'{lib}_fast_energy']:.4f} / {pz[f'{lib}_fast_energy_median']:.4f} |"
                 )
+    if res.get("pissa_fast_init"):
+        note = _steal_note((res.get("steal") or {}).get("pissa_init"), "PiSSA init measurements")
+        lines += ["", note.strip()] if note else []
     if res["not_in_lora_lite"]:
         lines += ["", f"Not (yet) in lora-lite, peft only: {', '.join(res['not_in_lora_lite'])}."]
     return "\n".join(lines) + "\n"

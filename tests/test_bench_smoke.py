@@ -34,18 +34,25 @@ def _load(path: Path = BENCH):
 
 def test_quick_benchmark_writes_complete_results(tmp_path) -> None:
     bench = _load()
-    argv = ["--quick", "--variants", "lora,pissa", "--rounds", "2", "--warmup", "1", "--threads", "1"]
+    argv = ["--quick", "--variants", "lora,pissa,pissa_nokeep", "--rounds", "2", "--warmup", "1", "--threads", "1"]
     bench.main([*argv, "--out", str(tmp_path)])
     res = json.loads((tmp_path / "bench_vs_peft_quick.json").read_text())
     assert (tmp_path / "bench_vs_peft_quick.md").read_text().count("| lora |") == 1
     assert (tmp_path / "bench_vs_peft_quick.png").stat().st_size > 0
-    for key in ("size", "rounds", "threads", "machine", "base", "variants", "pissa_fast_init"):
+    for key in ("size", "rounds", "threads", "machine", "base", "variants", "pissa_fast_init", "steal"):
         assert key in res, key
+    for share in res["steal"].values():  # None off Linux
+        assert share is None or 0 <= share <= 1
     assert {"torch", "peft", "processor"} <= set(res["machine"])
     base = res["base"]
     assert base["step_s"] > 0 and base["trainable"] == 0 and base["peak_mb"] > 0
     assert len(base["step_s_all"]) == 2
-    assert [v["variant"] for v in res["variants"]] == ["lora", "pissa"]
+    assert [v["variant"] for v in res["variants"]] == ["lora", "pissa", "pissa_nokeep"]
+    pissa, nokeep = (v for v in res["variants"] if v["variant"].startswith("pissa"))
+    # keep_original=False keeps nothing to restore the base: below the default's peak, and at peft's
+    # (the allocator's byte counts are deterministic; 10 KiB of slack for Python-side allocations)
+    assert nokeep["ours"]["peak_mb"] < pissa["ours"]["peak_mb"]
+    assert nokeep["ours"]["peak_mb"] <= nokeep["peft"]["peak_mb"] + 0.01
     for v in res["variants"]:
         ours, peft = v["ours"], v["peft"]
         for row in (ours, peft):
