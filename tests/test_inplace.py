@@ -46,16 +46,16 @@ def test_update_is_in_place_and_matches_out_of_place(variant: str, bias: bool) -
     x = torch.randn(3, 5, 16)
     layer = m[0]
     base_out = []
-    fwd = layer.forward
 
-    def record(t: torch.Tensor) -> torch.Tensor:  # wraps the base forward (not a hook): sees y before our hook
-        y = fwd(t)
-        base_out.append((y, y.clone()))
-        return y
+    class Recording(type(layer)):  # the base forward itself (not a hook) keeps y: sees it before our hook
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            y = super().forward(t)
+            base_out.append((y, y.clone()))
+            return y
 
-    layer.forward = record
+    cls, layer.__class__ = layer.__class__, Recording  # (a forward set on the instance turns the in-place path off)
     y_fast, g_fast = _grads(m, x)
-    del layer.forward
+    layer.__class__ = cls
     y, before = base_out[-1]
     assert not torch.equal(y, before), "the update was not made in place (the base output was copied)"
 

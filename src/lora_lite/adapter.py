@@ -25,13 +25,16 @@ from torch.utils.hooks import RemovableHandle
 from .config import ConfigError, LoraLiteConfig
 from .original import _WIDENS, Original
 from .target import (
+    TargetError,
     all_finite,
+    computed_weight,
     dims,
     find_targets,
     fingerprint,
     is_conv1d,
     is_quantized,
     tensor_hash,
+    unhooked_linears,
     unwrap,
     weight_sharers,
 )
@@ -94,15 +97,23 @@ class _ModelState:
 # ---------------------------------------------------------------- hooks
 
 
-def _adapter_dtype(layer: nn.Module, st: _LayerState) -> torch.dtype:
+def _adapter_dtype(layer: nn.Module, st: _LayerState, x: torch.Tensor | None = None) -> torch.dtype:
     """The dtype the adapter math runs in: that of the layer's first floating lora_* tensor.
 
     This is cfg.dtype, unless the model was cast after attach (`model.half()`, `model.to(torch.float64)`
     also cast the lora_* tensors): then the math follows the tensors, so it never mixes dtypes.
+    With the layer input `x` (the hooks): raise if the adapter tensors are on the meta device and x is not.
     """
     for n in st.names:
         t = getattr(layer, n)
         if t.is_floating_point():
+            if t.is_meta and x is not None and not x.is_meta:
+                raise AdapterError(
+                    f"{st.name}: the adapter tensors are on the meta device while the input is not: the layer was "
+                    "offloaded after attach (accelerate's cpu_offload / dispatch_model moves a layer's tensors away "
+                    "after its forward, before lora-lite's hook runs). Offloaded targets are not supported: keep "
+                    "them on a device, or ll.merge the adapter before offloading."
+                )
             return t.dtype
     return st.cfg.dtype
 
@@ -155,12 +166,33 @@ def _describe(state: tuple[bool, float]) -> str:
     return "disabled (ll.disabled)" if not enabled else ("on" if coef == 1.0 else f"scaled by c={coef:g} (ll.scaled)")
 
 
-def _forward_hook(layer: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | None:
+def layer_input(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, str | None]:
+    """(x, None) for `layer(x, ...)`, (x, name) for `layer(name=x)` (e.g. nn.Linear's `input=`); else raise."""
+    if args:
+        return args[0], None
+    if len(kwargs) == 1:
+        ((key, x),) = kwargs.items()
+        if isinstance(x, torch.Tensor):
+            return x, key
+    raise AdapterError(
+        f"{layer._lora_lite.name}: {type(layer).__name__} was called without a positional input (keywords: "
+        f"{sorted(kwargs)}); lora-lite reads the layer input from the first positional argument or a single "
+        "keyword argument. Call the layer as layer(x)."
+    )
+
+
+def _forward_hook(layer: nn.Module, args: tuple, kwargs: dict[str, Any], y: Any) -> torch.Tensor | None:
     st: _LayerState = layer._lora_lite
     _same_state_as_forward(st)
     if not st.enabled:
         return None
-    x, dtype = args[0], _adapter_dtype(layer, st)
+    if not isinstance(y, torch.Tensor):
+        raise AdapterError(
+            f"{st.name}: {type(layer).__name__} returned a {type(y).__name__}, not a tensor; lora-lite adapts layers "
+            "whose forward returns the output tensor. Exclude this layer (exclude_names)."
+        )
+    x = args[0] if args else layer_input(layer, args, kwargs)[0]
+    dtype = _adapter_dtype(layer, st, x)
     if x.dtype != dtype:  # hot path: no .to() call when nothing is cast (the common case)
         x = x.to(dtype)
     if st.coef != 1.0:  # inside ll.scaled(model, c)
@@ -176,7 +208,9 @@ def _forward_hook(layer: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tenso
 
 
 def _sole_owner(layer: nn.Module, st: _LayerState, y: torch.Tensor) -> bool:
-    """Nobody but our hook can have seen y: no global hooks, ours is the layer's first, y is no grad leaf.
+    """Nobody but our hook can have seen y: no global hooks, ours is the layer's first, y is no grad leaf, and
+    the layer's forward is its class's (not replaced on the instance by a wrapper that may keep y, as accelerate's
+    hooks do).
 
     Not under torch.func transforms (vmap, grad, ...): their wrapped tensors get the plain out-of-place path.
     """
@@ -186,24 +220,26 @@ def _sole_owner(layer: nn.Module, st: _LayerState, y: torch.Tensor) -> bool:
         and st.handle is not None
         and next(iter(layer._forward_hooks), None) == st.handle.id
         and not (y.requires_grad and y.is_leaf)
+        and "forward" not in layer.__dict__
     )
 
 
-def _pre_hook(layer: nn.Module, args: tuple) -> tuple | None:
+def _pre_hook(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
     st: _LayerState = layer._lora_lite
     _same_state_as_forward(st)
     if not st.enabled:
         return None
-    x = args[0]
+    x, key = layer_input(layer, args, kwargs)
     # x here is also the base path: an adapter dtype narrower than x (bf16 adapter, fp32 model) rounds
     # the layer input through it, so pre-hook variants are then identity at init only to that rounding.
-    dtype = _adapter_dtype(layer, st)
+    dtype = _adapter_dtype(layer, st, x)
     xa = x if x.dtype == dtype else x.to(dtype)
     if st.coef != 1.0:  # inside ll.scaled(model, c)
         out = st.variant.scaled_forward_input(layer, xa, st.coef)
     else:
         out = st.variant.forward_input(layer, xa)
-    return (out if out.dtype == x.dtype else out.to(x.dtype), *args[1:])
+    out = out if out.dtype == x.dtype else out.to(x.dtype)
+    return ((out, *args[1:]), kwargs) if key is None else (args, {**kwargs, key: out})
 
 
 # ---------------------------------------------------------------- plan
@@ -222,8 +258,30 @@ def _plan(model: nn.Module, cfg: LoraLiteConfig) -> list[_Target]:
     """What attach would add, without touching the model."""
     base = get_variant(cfg.variant)
     plan, owners = [], None
+    unhooked = unhooked_linears(model)
     for name, layer, role in find_targets(model, cfg):
         variant = base.route(name, role, cfg)
+        if id(layer) in unhooked:
+            raise TargetError(
+                f"{name}: this is nn.MultiheadAttention's out_proj, which torch applies through "
+                "F.multi_head_attention_forward without calling the module, so no adapter hook on it would ever "
+                "run (the adapter would be silently ignored). Exclude it (exclude_names): nn.MultiheadAttention has "
+                "no other linear submodule (its input projection is a bare parameter)."
+            )
+        if layer.weight.is_meta:
+            raise AdapterError(
+                f"{name}: the weight is on the meta device (no values): the model was built without weights "
+                "(torch.device('meta'), accelerate's init_empty_weights) or its weights are offloaded (accelerate's "
+                "cpu_offload, a device_map with offload). lora-lite needs the layer's real tensors: materialize the "
+                "model (model.to_empty(device=...) and load its weights), or load it without offloading, then attach."
+            )
+        how = computed_weight(layer) if variant.rewrites_weight else None
+        if how:
+            raise ConfigError(
+                f"{name}: variant {variant.name!r} replaces the weight by a residual, but this weight is {how}, so a "
+                "written weight would be recomputed away. Remove the parametrization first (e.g. "
+                "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')), or use another variant."
+            )
         if variant.rewrites_weight and is_quantized(layer):
             raise ConfigError(
                 f"{name}: variant {variant.name!r} rewrites the weight and needs a dense floating-point weight, "
@@ -345,9 +403,9 @@ def attach(
         for t in plan:
             st = getattr(t.layer, _LAYER)
             if hasattr(t.variant, "forward_input"):
-                st.handle = t.layer.register_forward_pre_hook(_pre_hook)
+                st.handle = t.layer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
             else:
-                st.handle = t.layer.register_forward_hook(_forward_hook)
+                st.handle = t.layer.register_forward_hook(_forward_hook, with_kwargs=True)
     except BaseException:
         _remove(model)
         raise

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .adapter import AdapterError, _remove, targets
-from .target import is_conv1d, is_quantized, unwrap, weight_sharers
+from .target import computed_weight, is_conv1d, is_quantized, module_names, unwrap, weight_sharers
 
 
 def _checked(model: nn.Module) -> dict[str, nn.Module]:
@@ -29,6 +29,13 @@ def _checked(model: nn.Module) -> dict[str, nn.Module]:
                 f"{name}: cannot merge into a quantized weight ({type(layer).__name__}, {layer.weight.dtype}): "
                 "that would re-quantize the merged weight (lossy). Load the base model unquantized, ll.load the "
                 "adapter, merge, then quantize the merged model."
+            )
+        how = computed_weight(layer)
+        if how:
+            raise AdapterError(
+                f"{name}: cannot merge: this weight is {how}, so a merged weight written to it would be recomputed "
+                "away (the adapter silently dropped). Remove the parametrization first, keeping its current value "
+                "(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')), then merge."
             )
         if getattr(st.variant, "merged_weight", None) is None:
             raise AdapterError(f"{name}: variant {st.variant.name!r} defines no merged_weight(layer); it cannot merge")
@@ -82,11 +89,13 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     layers = _checked(model)
     sd = unwrap(model).state_dict()
+    aliases = module_names(unwrap(model))  # a layer registered under two names has keys under both
     for name, layer in layers.items():
-        for p in layer._lora_lite.names:
-            sd.pop(f"{name}.{p}", None)
         w, b = _merged(layer)
-        sd[f"{name}.weight"] = w
-        if b is not None:
-            sd[f"{name}.bias"] = b
+        for prefix in aliases.get(id(layer), [name]):
+            for p in layer._lora_lite.names:
+                sd.pop(f"{prefix}.{p}", None)
+            sd[f"{prefix}.weight"] = w
+            if b is not None:
+                sd[f"{prefix}.bias"] = b
     return sd

@@ -17,6 +17,7 @@ from collections import Counter
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import LoraLiteConfig
 
@@ -55,6 +56,21 @@ def dims(m: nn.Module) -> tuple[int, int]:
 
 def is_quantized(m: nn.Module) -> bool:
     return not torch.is_floating_point(m.weight) or hasattr(m.weight, "quant_state") or hasattr(m.weight, "SCB")
+
+
+def computed_weight(m: nn.Module) -> str | None:
+    """How `m.weight` is recomputed from other tensors on every access (so writing it changes nothing), or None."""
+    if parametrize.is_parametrized(m, "weight"):
+        return "parametrized (torch.nn.utils.parametrize, e.g. parametrizations.weight_norm or orthogonal)"
+    if any(type(h).__name__ == "WeightNorm" for h in m._forward_pre_hooks.values()):
+        return "computed by torch.nn.utils.weight_norm from weight_g and weight_v"
+    return None
+
+
+def unhooked_linears(model: nn.Module) -> set[int]:
+    """ids of linear modules torch applies without calling them, so no hook on them ever runs:
+    nn.MultiheadAttention's out_proj (its weight goes straight into F.multi_head_attention_forward)."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
 def dense_weight(m: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -171,15 +187,29 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return [(n, m, role_of(m, d_model)) for n, m in model.named_modules() if is_linear_like(m)]
 
 
+def module_names(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every name it is reachable under (a submodule registered twice has two; the first is
+    the one `named_modules()` gives, which lora-lite reports and saves under)."""
+    names: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(n)
+    return names
+
+
 def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[tuple[str, nn.Module, str]]:
-    """(name, module, role) of every linear-like module that passes the config's filters."""
+    """(name, module, role) of every linear-like module that passes the config's filters.
+
+    A module reachable under several names is excluded if any of them matches exclude_names, and matched
+    by target_names if any of them does."""
     everything = linear_modules(model)
+    aliases = module_names(model)
     out = []
     for name, m, role in everything:
-        if any(re.search(p, name) for p in cfg.exclude_names):
+        names = aliases.get(id(m), [name])
+        if any(re.search(p, n) for p in cfg.exclude_names for n in names):
             continue
         if cfg.target_names:
-            if not any(re.search(p, name) for p in cfg.target_names):
+            if not any(re.search(p, n) for p in cfg.target_names for n in names):
                 continue
         elif role not in cfg.target_roles:
             continue

@@ -241,8 +241,8 @@ class _LowRank(torch.autograd.Function):
             t.view(-1, t.shape[-1]).addmm_(h2, B.t())
             ctx.mark_dirty(t)
             out = t
-        else:
-            out = torch.addmm(t.view(-1, t.shape[-1]), h2, B.t()).view(t.shape)
+        else:  # t is 2-D here: the output is addmm's own tensor, not a view made inside this Function
+            out = torch.addmm(t, h2, B.t())  # (a view would make a later in-place edit of y an autograd error)
         ctx.save_for_backward(h2, B)
         return out
 

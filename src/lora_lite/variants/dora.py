@@ -51,7 +51,8 @@ mag_norm_scale * lora_result * scaling` at 165) and `peft/tuners/lora/variants.p
 (`DoraLinearVariant.forward` 230-257, dropout handling 242-246).
 Deviations: the norm formula above (same value to rounding, no d_out × d_in temporary); the norm is
 computed in fp32 (fp64 for fp64 adapters) whatever `cfg.dtype` (peft: in x's dtype). ‖W‖²_row is cached, keyed on the
-weight tensor, its version counter and dtype: a cast, a move or an in-place write of the base weight recomputes it.
+weight tensor (a weak reference and its address), its version counter and dtype: a cast, a move, an in-place write
+of the base weight, or a weight recomputed on each access (`parametrize`, `functional_call`) recomputes it.
 
 Merge (`ll.merge`): W_eff = (m / ‖V‖_row)[:, None] · V with V = W + s·B A (the dense norm), bias unchanged.
 Steering (`ll.scaled(model, c)`): y + c·(y' − y), i.e. the effective weight moves linearly from W (c = 0)
@@ -60,6 +61,8 @@ c = 0, which is not the base model.)
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -93,11 +96,15 @@ def _w_sq(layer: nn.Module) -> torch.Tensor:
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         W = dense_weight(layer, _norm_dtype(layer))
         return (W * W).sum(1)
+    # The tensor itself (a weak reference), not just its address: a weight recomputed on every access
+    # (torch.nn.utils.parametrize, torch.func.functional_call with a new tensor) can land at the freed
+    # address of the last one with version 0, and the cached norm would then be silently stale.
     key = (w.data_ptr(), w._version, w.dtype, w.device, _norm_dtype(layer))
-    if cache.get("w_sq_key") != key:
+    ref = cache.get("w_sq_ref")
+    if cache.get("w_sq_key") != key or ref is None or ref() is not w:
         with for_cache():
             W = dense_weight(layer, _norm_dtype(layer))
-            cache["w_sq"], cache["w_sq_key"] = (W * W).sum(1), key
+            cache["w_sq"], cache["w_sq_key"], cache["w_sq_ref"] = (W * W).sum(1), key, weakref.ref(w)
     return cache["w_sq"]
 
 

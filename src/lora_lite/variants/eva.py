@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapter import layer_input
 from ..config import ConfigError, LoraLiteConfig
 from ..variant import ParamSpec, Variant, register
 from .lora import LoRA
@@ -182,7 +183,7 @@ class EVA(Variant):
 
         def make_hook(name: str):
             def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-                x = args[0] if args else kwargs["input"]
+                x = layer_input(mod, args, kwargs)[0]
                 stats[name].add(_rows(name, x.detach(), current["mask"]))
 
             return hook
