@@ -162,3 +162,22 @@ def test_keep_original_must_be_a_bool(bad: object, tmp_path) -> None:
     with pytest.raises(ll.AdapterError, match="keep_original must be True or False"):
         ll.load(model, tmp_path / "a.safetensors", keep_original=bad)
     assert not ll.is_attached(model)
+
+
+def test_export_peft_refuses_an_overwritten_residual_and_calls_inside_blocks(tmp_path) -> None:
+    """pissa's export rebuilt B₀A₀ from whatever weight the layer held: after a full load_state_dict of another
+    model it wrote a wrong adapter (0.3-0.57 off in peft) with no error, where detach and ll.disabled refuse."""
+    model = _model()
+    ll.attach(model, _cfg("pissa"))
+    other = _model(seed=3)
+    with torch.no_grad():
+        model[0].weight.copy_(other[0].weight)  # W_res overwritten (as a full checkpoint load does)
+    with pytest.raises(ll.AdapterError, match=r"^0: layer.weight is no longer the residual W_res"):
+        ll.export_peft(model, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    fresh = _model()
+    ll.attach(fresh, _cfg("lora"))
+    for block in (ll.disabled(fresh), ll.scaled(fresh, 0.5)):
+        with block, pytest.raises(ll.AdapterError, match=r"^0: export_peft called inside ll.disabled or ll.scaled"):
+            ll.export_peft(fresh, tmp_path / "in_block")
+    assert not (tmp_path / "in_block").exists()

@@ -16,6 +16,8 @@ therefore run in train mode (never packs); the packed case has its own tests.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from _models import llama_batch, lm_loss, tiny_llama
@@ -226,10 +228,12 @@ def test_identity_on_an_already_packed_4bit_base_in_eval_mode(variant: str) -> N
     """Eval mode on CPU: take the reference from an already-run (packed) base; identity then holds as usual."""
     model = qtoy("nf4").eval()
     x = _x()
+    packs = _packs(model.layers[0]["q"])
     with torch.no_grad():
         model(x)  # first eval forward: bnb repacks every 4-bit layer (if the CPU supports it)
         y0 = model(x)
-        _attach(model, variant)
+        with pytest.warns(UserWarning, match="already repacked") if packs else contextlib.nullcontext():
+            _attach(model, variant)  # (fine for inference, which this is: the warning is about training)
         y1 = model(x)
     if variant == "hra":  # Q x = x to ~1e-7, but the packed kernel rounds its input to bf16: a perturbation that
         # crosses a bf16 rounding boundary moves that input by one bf16 ulp (2^-8 relative); a non-identity Q moves y by O(1)
@@ -245,10 +249,59 @@ def test_eva_calibration_does_not_repack_4bit_layers() -> None:
     _attach(model, "eva")  # group_init runs the model in eval mode under no_grad
     layers = [b[k] for b in model.layers for k in ("q", "up", "down")]
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
-    assert all(_packs(m) for m in layers)  # bnb's flag restored
     model.train()
     _loss(model, _x()).backward()  # gradients reach the first block's adapters through the 4-bit layers
     assert model.layers[0]["q"].lora_B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", ["lora", "hra", "ia3_ff"])
+def test_repacking_is_off_while_attached_so_training_survives_an_evaluation(variant: str) -> None:
+    """Train, evaluate (eval mode, no grad), train again: bnb would repack every 4-bit layer at the evaluation and
+    no gradient would pass through them afterwards (hra/ia3_ff, on the layer's input, all silently zero). lora-lite
+    turns the repacking off while attached; detach gives bnb's flag back."""
+    model = qtoy("nf4")
+    layers = [b[k] for b in model.layers for k in ("q", "up", "down")]
+    if not _packs(layers[0]):
+        pytest.skip("this CPU/bitsandbytes does not repack 4-bit weights")
+    if variant == "ia3_ff":
+        cfg = ll.LoraLiteConfig(variant="ia3", target_roles=ALL_ROLES, variant_kwargs={"feedforward_names": [r"\."]})
+        ll.attach(model, cfg)
+    else:
+        _attach(model, variant)
+    assert not any(_packs(m) for m in layers)
+    model.eval()
+    with torch.no_grad():
+        model(_x())  # an evaluation
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    model.train()
+    _loss(model, _x()).backward()
+    for name, layer in ll.targets(model).items():  # every layer's adapter still learns (B = 0: not yet A)
+        grads = [p.grad for n, p in layer.named_parameters() if n.startswith("lora_") and p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+    ll.detach(model)
+    assert all(_packs(m) for m in layers)  # bnb's own flag restored
+
+
+def test_attaching_to_an_already_repacked_base_warns() -> None:
+    model = qtoy("nf4").eval()
+    if not _packs(model.layers[0]["q"]):
+        pytest.skip("this CPU/bitsandbytes does not repack 4-bit weights")
+    with torch.no_grad():
+        model(_x())  # repacks every 4-bit layer
+    with pytest.warns(UserWarning, match=r"already repacked 6 4-bit layer\(s\) .*e\.g\. layers\.0\.q.*will not learn"):
+        _attach(model, "lora")
+
+
+def test_a_4bit_layer_not_yet_quantized_is_refused_clearly() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(D, D)
+    q = bnb.nn.Linear4bit(D, D, quant_type="nf4", compute_dtype=torch.float32)
+    q.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4")  # no .to()
+    model = nn.Sequential(q)
+    for variant in ("lora", "dora"):
+        with pytest.raises(ll.AdapterError, match=r"^0: this bitsandbytes Linear4bit is not quantized yet.*model\.to"):
+            ll.attach(model, ll.LoraLiteConfig(variant=variant, r=2, target_names=("0",)))
+        assert not ll.is_attached(model) and not hasattr(q, "lora_A")
 
 
 def test_quantized_tiny_llama_trains() -> None:
@@ -291,6 +344,20 @@ def test_turning_off_cpu_repacking_keeps_gradients_flowing() -> None:
     model.train()
     _loss(model, _x()).backward()
     assert model.layers[0]["q"].lora_B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_summary_counts_4bit_weights_of_any_storage_dtype(storage: torch.dtype) -> None:
+    """quant_storage=bf16 packs four 4-bit values per element (fp32: eight); the count was 1/4 (1/8) too low."""
+    torch.manual_seed(0)
+    w = nn.Linear(D, 2 * D).weight.detach().clone()
+    q = bnb.nn.Linear4bit(D, 2 * D, bias=False, quant_type="nf4", compute_dtype=torch.float32, quant_storage=storage)
+    q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", quant_storage=storage)
+    model = nn.Sequential(q.to("cpu"))
+    assert model[0].weight.dtype == storage
+    ll.attach(model, ll.LoraLiteConfig(r=2, target_names=("0",)))
+    trainable = 2 * (D + 2 * D)
+    assert f"trainable params: {trainable:,} of {D * 2 * D + trainable:,}" in ll.summary(model)
 
 
 def test_summary_counts_4bit_weights_unpacked() -> None:

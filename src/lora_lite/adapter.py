@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,29 @@ class _ModelState:
     cfg: LoraLiteConfig
     layers: dict[str, nn.Module]
     requires_grad: dict[str, bool] = field(default_factory=dict)
+    cpu_repack: dict[nn.Module, bool] = field(default_factory=dict)  # bitsandbytes 4-bit: the flag before attach
+
+
+def _stop_cpu_repacking(model: nn.Module, state: _ModelState) -> None:
+    """bitsandbytes (observed: 0.50.2) on an AVX512-BF16 CPU repacks a Linear4bit weight in place, for good, at
+    its first eval-mode no-grad forward, into an inference layout through which no gradient reaches the layer's
+    input: every adapter at or before it would silently stop learning after an evaluation. Off while attached
+    (detach restores the flag); a layer repacked before attach gets a warning (fine for inference only)."""
+    packed = []
+    for name, m in model.named_modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            state.cpu_repack[m] = True
+            m.support_avx512bf16_for_cpu = False
+        if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False):
+            packed.append(name)
+    if packed:
+        warnings.warn(
+            f"bitsandbytes already repacked {len(packed)} 4-bit layer(s) for CPU inference (e.g. {packed[0]}): "
+            "no gradient flows through them, so adapters at or before them will not learn. Fine for inference; "
+            "to train, reload the quantized model and attach before any eval-mode no_grad forward (lora-lite "
+            "turns the repacking off while attached).",
+            stacklevel=3,
+        )
 
 
 # ---------------------------------------------------------------- hooks
@@ -268,6 +292,12 @@ def _plan(model: nn.Module, cfg: LoraLiteConfig) -> list[_Target]:
                 "run (the adapter would be silently ignored). Exclude it (exclude_names): nn.MultiheadAttention has "
                 "no other linear submodule (its input projection is a bare parameter)."
             )
+        if hasattr(layer.weight, "quant_state") and layer.weight.quant_state is None:
+            raise AdapterError(
+                f"{name}: this bitsandbytes {type(layer).__name__} is not quantized yet (bitsandbytes quantizes "
+                "its weight when the layer is moved to a device): call model.to(device) (e.g. 'cpu' or 'cuda') "
+                "first, then attach."
+            )
         if layer.weight.is_meta:
             raise AdapterError(
                 f"{name}: the weight is on the meta device (no values): the model was built without weights "
@@ -367,6 +397,7 @@ def attach(
     state = _ModelState(cfg, {}, {n: p.requires_grad for n, p in model.named_parameters()})
     setattr(model, _STATE, state)
     try:
+        _stop_cpu_repacking(model, state)
         for t in plan:
             dev = t.layer.weight.device
             st = _LayerState(t.name, t.role, t.variant, cfg, cfg.scale, tuple(t.specs))
@@ -482,15 +513,18 @@ def _remove(model: nn.Module) -> None:
     for n, p in model.named_parameters():
         if n in state.requires_grad:
             p.requires_grad_(state.requires_grad[n])
+    for m, flag in state.cpu_repack.items():
+        m.support_avx512bf16_for_cpu = flag
     delattr(model, _STATE)
 
 
-def original_weight(layer: nn.Module) -> torch.Tensor:
+def original_weight(layer: nn.Module, *, cache: bool = True) -> torch.Tensor:
     """The weight a rewriting variant (pissa, antipasto) replaced, in the current weight's dtype and device.
 
     Rebuilt bit for bit from the compact form (original.py) on first use, then kept in the layer's cache,
     so that repeated `ll.disabled` / `ll.scaled` blocks (a DPO reference model every step) cost nothing
     after the first: the memory of a dense copy, paid only by models that use them. detach frees it.
+    cache=False (one-off readers such as export_peft): rebuilt if not cached, and not kept.
     """
     require_original(layer, "original_weight")
     st: _LayerState = layer._lora_lite
@@ -498,6 +532,8 @@ def original_weight(layer: nn.Module) -> torch.Tensor:
     W0 = _cached_original(st, w_res)
     if W0 is None:  # first use, or model.to() since
         _check_residual(layer)
+        if not cache:
+            return st.original.weight(w_res)
         with for_cache():
             W0 = st.cache["original"] = st.original.weight(w_res)
     return W0

@@ -32,7 +32,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import AdapterError, LoadError, _plan, _state, _write_atomic, attach, detach, require_original, targets
+from .adapter import (
+    AdapterError,
+    LoadError,
+    _plan,
+    _state,
+    _write_atomic,
+    attach,
+    detach,
+    original_weight,
+    require_original,
+    targets,
+)
 from .config import _DTYPES, LoraLiteConfig
 from .target import all_finite, dense_weight, is_conv1d, is_linear_like, unwrap
 
@@ -72,7 +83,7 @@ def _pissa_initial(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(A₀, B₀) with s·B₀A₀ = W − W_res: the principal part pissa moved out of the weight at attach."""
     require_original(layer, "export_peft (pissa's B₀A₀ = (W − W_res)/s)")
     st = layer._lora_lite
-    W0 = st.original.weight(layer.weight.data).float()
+    W0 = original_weight(layer, cache=False).float()  # (raises if W_res was overwritten since attach)
     W0 = W0.t() if is_conv1d(layer) else W0
     U, S, Vh = torch.linalg.svd((W0 - dense_weight(layer)) / st.scale, full_matrices=False)
     r = st.cfg.r
@@ -140,7 +151,14 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
-    cfg = _state(model).cfg
+    state = _state(model)
+    cfg = state.cfg
+    for name, layer in state.layers.items():
+        if not layer._lora_lite.enabled or layer._lora_lite.coef != 1.0:
+            raise AdapterError(
+                f"{name}: export_peft called inside ll.disabled or ll.scaled; call it outside those blocks "
+                "(it exports the trained adapter, c = 1)"
+            )
     if cfg.variant in _LORA_LIKE:
         config, tensors = _export_lora(model, cfg)
     elif cfg.variant in ("ia3", "ia3_ff"):

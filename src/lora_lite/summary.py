@@ -3,7 +3,8 @@
 One row per target layer: name, role, variant (after routing, e.g. ia3 -> ia3_ff), d_in -> d_out,
 the base layer's type and weight dtype, and the layer's trainable adapter parameters; then the
 totals: targets per role, trainable parameters and their share of all the model's parameters.
-bitsandbytes 4-bit weights are counted as d_in·d_out parameters (two per packed byte), as peft does.
+bitsandbytes 4-bit weights are counted as d_in·d_out parameters (two per packed byte, whatever the storage
+dtype: `quant_storage=torch.bfloat16` packs four per element), as peft does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def _base_numel(model: nn.Module) -> int:
     for name, p in model.named_parameters():
         if name.rsplit(".", 1)[-1].startswith("lora_"):
             continue
-        n += p.numel() * (2 if type(p).__name__ == "Params4bit" and p.element_size() == 1 else 1)
+        n += p.numel() * (2 * p.element_size() if type(p).__name__ == "Params4bit" else 1)  # two 4-bit per byte
     return n
 
 
@@ -109,5 +110,8 @@ def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
     )
     lines.append(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4g}%)")
     if attached and any(layer._lora_lite.original_dropped for *_, layer, _ in rows):
-        lines.append("original weights not kept (keep_original=False): ll.detach and ll.disabled raise; ll.merge works")
+        lines.append(
+            "original weights not kept (keep_original=False): ll.detach, ll.disabled, and for pissa ll.scaled "
+            "(c != 1) and ll.export_peft raise; ll.merge works"
+        )
     return "\n".join(lines)

@@ -191,19 +191,12 @@ class EVA(Variant):
         device = next(model.parameters()).device
         names = _forward_names(model)
         was_training = model.training
-        # bitsandbytes (observed: 0.50.2) on an AVX512-BF16 CPU repacks a Linear4bit weight, in place for good, at its
-        # first eval-mode no-grad forward into an inference-only layout through which no gradient reaches the
-        # layer's input (silently None without bias, an error with one). Calibration must not leave the base
-        # like that: it would break training every adapter upstream of a 4-bit layer. Off while we calibrate.
-        no_pack = {
-            m: m.support_avx512bf16_for_cpu for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", 0)
-        }
+        # (bitsandbytes' CPU repacking of 4-bit weights at an eval-mode no-grad forward, which would stop gradients
+        # through them for good, is already off: attach turns it off while the adapter is attached)
         handles = [layer.register_forward_hook(make_hook(n), with_kwargs=True) for n, layer, _ in targets]
         n_batches = 0
         try:
             model.eval()
-            for m in no_pack:
-                m.support_avx512bf16_for_cpu = False
             with torch.no_grad():
                 for batch in _progress(calibration_data, kw.get("show_progress_bar", True)):
                     n_batches += 1
@@ -228,8 +221,6 @@ class EVA(Variant):
         finally:
             for h in handles:
                 h.remove()
-            for m, flag in no_pack.items():
-                m.support_avx512bf16_for_cpu = flag
             model.train(was_training)
         if n_batches == 0:
             raise ConfigError("eva: calibration_data yielded no batches")
