@@ -125,6 +125,22 @@ def test_import_reproduces_peft(case: str, tmp_path) -> None:
         assert {k for n, k in kinds.items() if not n.endswith("down_proj")} == {"ia3"}
 
 
+def test_import_of_a_peft_pissa_adapter_can_keep_no_original(tmp_path) -> None:
+    x = llama_batch()
+    pm = peft.get_peft_model(tiny_llama(), PEFT_CONFIGS["pissa"]())
+    perturb(pm)
+    pm.save_pretrained(str(tmp_path))
+    want = _logits(pm.eval(), x)
+    model = tiny_llama()
+    ll.import_peft(model, tmp_path, keep_original=False)
+    assert rel(_logits(model, x), want) <= RTOL
+    assert all(layer._lora_lite.original_dropped for layer in ll.targets(model).values())
+    with pytest.raises(ll.AdapterError, match="keep_original=False"):
+        ll.detach(model)
+    with pytest.raises(ll.AdapterError, match="keep_original must be True or False"):
+        ll.import_peft(tiny_llama(), tmp_path, keep_original=None)
+
+
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_import_reproduces_peft_gpt2_conv1d(use_dora: bool, tmp_path) -> None:
     """peft with fan_in_fan_out=True on Conv1D: same (r, d_in) / (d_out, r) tensors, our layout from the module."""

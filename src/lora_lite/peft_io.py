@@ -35,6 +35,7 @@ from torch import nn
 from .adapter import (
     AdapterError,
     LoadError,
+    _drop_originals,
     _plan,
     _state,
     _write_atomic,
@@ -288,16 +289,24 @@ def _ia3_plan(pc: dict, tensors: dict, path: Path, dtype) -> tuple[LoraLiteConfi
 
 
 def import_peft(
-    model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None, allow_nonfinite: bool = False
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
+    keep_original: bool = True,
 ) -> list[str]:
     """Attach a peft LoRA / DoRA / IA3 adapter directory to `model` as lora-lite lora / dora / ia3.
 
     `model` is the plain base model peft's adapter was made for. `dtype`: of the adapter tensors
     (default: the file's). A damaged directory (unreadable config or weights, a missing field, NaN/inf
     values unless `allow_nonfinite=True`) raises `LoadError`. Returns the targeted layer names. On any
-    error the model is left unchanged.
+    error the model is left unchanged. keep_original: as in `ll.attach` (a peft PiSSA adapter).
     """
     from safetensors.torch import load_file
+
+    if not isinstance(keep_original, bool):
+        raise AdapterError(f"keep_original must be True or False, got {keep_original!r}")
 
     model, path = unwrap(model), Path(path)
     if not (path / CONFIG_NAME).is_file():
@@ -367,4 +376,6 @@ def import_peft(
     except BaseException:
         detach(model)
         raise
+    if not keep_original:
+        _drop_originals(model)
     return names
