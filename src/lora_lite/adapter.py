@@ -341,6 +341,7 @@ def _plan(model: nn.Module, cfg: LoraLiteConfig) -> list[_Target]:
                     "e.g. peft, on this model?). Attach lora-lite to the plain base model."
                 )
         plan.append(_Target(name, layer, role, variant, specs))
+    base.check_plan([(t.name, t.role) for t in plan], cfg)
     return plan
 
 

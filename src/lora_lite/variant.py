@@ -81,6 +81,11 @@ class Variant:
         return cls
 
     @staticmethod
+    def check_plan(targets: list[tuple[str, str]], cfg: LoraLiteConfig) -> None:
+        """Checks over all the (name, role) targets at once, before anything is attached (ia3: every
+        feedforward pattern must match a target). Raise `ConfigError` with the fix."""
+
+    @staticmethod
     def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
         raise NotImplementedError
 

@@ -114,7 +114,7 @@ class AntiPaSTO(Variant):
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2:
             raise ConfigError(
                 f"antipasto: block_size must be an integer >= 2 (a 1x1 rotation is the identity), got {bs!r} "
-                f"with r={cfg.r}; antipasto needs r >= 2"
+                f"with r={cfg.r}" + ("; antipasto needs r >= 2" if cfg.r < 2 else "")
             )
         if cfg.r % bs:
             divisors = [d for d in range(2, cfg.r + 1) if cfg.r % d == 0]
@@ -124,10 +124,13 @@ class AntiPaSTO(Variant):
                 f"{divisors}, or choose r a multiple of {bs}"
             )
         ang = max_angle(cfg)
-        if ang is not None and (isinstance(ang, bool) or not isinstance(ang, (int, float)) or not 0 < ang < math.pi):
+        tiny = torch.finfo(torch.float32).tiny  # below it, a = 2 tan(max_angle / 2) rounds to 0 and A/a is 0/0
+        if ang is not None and (
+            isinstance(ang, bool) or not isinstance(ang, (int, float)) or not tiny <= ang < math.pi
+        ):
             raise ConfigError(
-                f"antipasto: max_angle must be in (0, pi) radians (tanh clamp of the rotation angle) or None for "
-                f"no clamp, got {ang!r}"
+                f"antipasto: max_angle must be in [{tiny:.3g}, pi) radians (tanh clamp of the rotation angle) or None "
+                f"for no clamp, got {ang!r}"
             )
         if cfg.dropout:
             raise ConfigError(

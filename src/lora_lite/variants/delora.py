@@ -67,6 +67,11 @@ class DeLoRA(Variant):
                 f"delora: variant_kwargs['delora_lambda'] must be a finite non-zero number, got {lam!r} "
                 "(λ = 0 zeroes the gradients of A and B forever; peft's default is 15)"
             )
+        if abs(lam) > torch.finfo(cfg.dtype).max:
+            raise ConfigError(
+                f"delora: variant_kwargs['delora_lambda']={lam!r} does not fit the adapter dtype {cfg.dtype} "
+                f"(max {torch.finfo(cfg.dtype).max:.3g}); use a smaller λ (peft's default is 15)"
+            )
 
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:

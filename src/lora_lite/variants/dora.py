@@ -71,6 +71,7 @@ from torch import nn
 from ..config import LoraLiteConfig
 from ..target import dense_weight, is_conv1d, is_quantized
 from ..variant import ParamSpec, Variant, add_lowrank, dropout, for_cache, merge_dtype, register, writable
+from .lora import nonzero_alpha
 
 
 def _x_Wt(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +124,10 @@ class DoRA(Variant):
     name = "dora"
     kwargs = ("use_rslora",)
     reads_weight = True
+
+    @staticmethod
+    def validate(cfg: LoraLiteConfig) -> None:
+        nonzero_alpha(cfg)
 
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:

@@ -56,7 +56,7 @@ from torch import nn
 from ..adapter import layer_input
 from ..config import ConfigError, LoraLiteConfig
 from ..variant import ParamSpec, Variant, register
-from .lora import LoRA
+from .lora import LoRA, nonzero_alpha
 
 _KWARGS = {
     "use_rslora": bool,
@@ -138,7 +138,8 @@ def _rows(name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     raise ConfigError(
         f"{name}: eva cannot line up this layer's input of shape {tuple(x.shape)} with the batch's "
         f"attention mask of shape {tuple(mask.shape)} (it expects (..., d_in) with leading dims equal to the "
-        "mask's). Pass batches without attention_mask/labels if they have no padding."
+        "mask's). Pass batches without attention_mask if they have no padding (and without labels, or with "
+        "variant_kwargs={'use_label_mask': False})."
     )
 
 
@@ -149,6 +150,7 @@ class EVA(Variant):
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:
+        nonzero_alpha(cfg)
         for k, v in cfg.variant_kwargs.items():  # (unknown keys: the config refuses them, `kwargs`)
             if isinstance(v, bool) is not (_KWARGS[k] is bool) or not isinstance(v, _KWARGS[k]):
                 raise ConfigError(f"eva: variant_kwargs[{k!r}] must be a {_KWARGS[k].__name__}, got {v!r}")
@@ -190,7 +192,8 @@ class EVA(Variant):
 
         device = next(model.parameters()).device
         names = _forward_names(model)
-        was_training = model.training
+        modes = {m: m.training for m in model.modules()}  # restored per module (not model.train(flag), which
+        # would put a submodule the user had in eval mode back in training mode)
         # (bitsandbytes' CPU repacking of 4-bit weights at an eval-mode no-grad forward, which would stop gradients
         # through them for good, is already off: attach turns it off while the adapter is attached)
         handles = [layer.register_forward_hook(make_hook(n), with_kwargs=True) for n, layer, _ in targets]
@@ -206,10 +209,17 @@ class EVA(Variant):
                     elif isinstance(batch, Mapping):
                         b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                         mask = b.get("attention_mask")
-                        mask = None if mask is None else mask.bool()
+                        mask = None if mask is None else torch.as_tensor(mask, device=device).bool()
                         labels = b.get("labels")
                         if labels is not None and kw.get("use_label_mask", True):
-                            keep = labels != kw.get("label_mask_value", -100)
+                            keep = torch.as_tensor(labels, device=device) != kw.get("label_mask_value", -100)
+                            if mask is not None and keep.shape != mask.shape:
+                                raise ConfigError(
+                                    f"eva: batch {n_batches} has labels of shape {tuple(keep.shape)} and an "
+                                    f"attention_mask of shape {tuple(mask.shape)}: label masking needs per-token "
+                                    "labels (causal LM). For per-sequence labels (classification) pass "
+                                    "variant_kwargs={'use_label_mask': False}, or leave the labels out"
+                                )
                             mask = keep if mask is None else mask & keep
                         current["mask"] = mask
                         model(**({k: v for k, v in b.items() if k in names} if names & set(b) else b))
@@ -221,7 +231,8 @@ class EVA(Variant):
         finally:
             for h in handles:
                 h.remove()
-            model.train(was_training)
+            for m, training in modes.items():
+                m.training = training
         if n_batches == 0:
             raise ConfigError("eva: calibration_data yielded no batches")
         _sum_over_ranks(stats)
@@ -235,10 +246,13 @@ class EVA(Variant):
                     )
                 v, sigma = st.top(r)
                 if kw.get("whiten", False):
-                    if bool((sigma <= 1e-12 * sigma[0].clamp_min(1e-300)).any()):
+                    # A direction with < 1e-6 of the top one's variance is rounding noise (fp32 inputs leave ~1e-8
+                    # in directions they do not span): whitening it would blow its row of A up > 1000x.
+                    if bool((sigma <= 1e-6 * sigma[0].clamp_min(1e-300)).any()):
                         raise ConfigError(
                             f"{name}: whiten=True but this layer's calibration inputs span fewer than r={r} directions "
-                            f"(singular values {sigma.tolist()}); use more varied data, a smaller r, or whiten=False"
+                            f"(variances {sigma.tolist()}: below 1e-6 of the largest, whitening would scale those rows "
+                            "of A by > 1000x); use more varied data, a smaller r, or whiten=False"
                         )
                     v = v / sigma.sqrt().unsqueeze(1)
                 layer.lora_A.copy_(v)

@@ -83,6 +83,19 @@ class IA3(Variant):
         if bad:
             raise ConfigError(f"ia3: unknown feedforward_roles {bad}; roles are {ROLES}")
 
+    @staticmethod
+    def check_plan(targets: list[tuple[str, str]], cfg: LoraLiteConfig) -> None:
+        """A feedforward_names pattern that matches no target is a typo that would silently gate outputs where
+        inputs were meant (peft raises when feedforward_modules is not a subset of target_modules). Roles come
+        from a fixed set and a config may name one its targets lack (reused across models): not checked."""
+        names = [n for n, _ in targets]
+        for pat in cfg.variant_kwargs.get("feedforward_names", ()):
+            if not any(re.search(pat, n) for n in names):
+                raise ConfigError(
+                    f"ia3: feedforward_names pattern {pat!r} matches none of the {len(names)} targeted layers "
+                    f"(e.g. {names[:3]}); fix the pattern, or target the layer it is meant for"
+                )
+
     @classmethod
     def route(cls, name: str, role: str, cfg: LoraLiteConfig) -> type[Variant]:
         kw = cfg.variant_kwargs

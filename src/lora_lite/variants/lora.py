@@ -27,15 +27,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LoraLiteConfig
+from ..config import ConfigError, LoraLiteConfig
 from ..target import dense_weight
 from ..variant import ParamSpec, Variant, add_lowrank, dropout, merge_dtype, register, writable
+
+
+def nonzero_alpha(cfg: LoraLiteConfig) -> None:
+    """alpha = 0 makes the scale 0: the update, and the gradients of both A and B, are zero forever."""
+    if cfg.alpha == 0:
+        raise ConfigError(
+            f"{cfg.variant}: alpha=0 makes the scale alpha/r zero, so the adapter's update and the gradients of "
+            "lora_A and lora_B stay zero forever; use alpha > 0 (e.g. 2·r)"
+        )
 
 
 @register
 class LoRA(Variant):
     name = "lora"
     kwargs = ("use_rslora",)
+
+    @staticmethod
+    def validate(cfg: LoraLiteConfig) -> None:
+        nonzero_alpha(cfg)
 
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
