@@ -321,3 +321,55 @@ def test_resume_adapter_flags_list_matches_the_parser() -> None:
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     (group,) = [g for g in train._action_groups if g.title and g.title.startswith("adapter")]
     assert sorted(_ADAPTER_FLAGS) == sorted(a.dest for a in group._group_actions)
+
+
+def test_resume_keeps_the_runs_optimizer_settings_unless_given(model_dir, text_file, tmp_path) -> None:
+    """A resume that leaves --lr out continued at the default 3e-4 (and recorded it) instead of the run's 1e-2."""
+    out = tmp_path / "run"
+    assert main(_train_args(model_dir, text_file, out, 2, "--weight-decay", "0.1")) == 0  # --lr 1e-2 in _train_args
+    args = [a for a in _train_args(model_dir, text_file, out, 3, "--resume") if a not in ("--lr", "1e-2")]
+    assert main(args) == 0
+    st = json.loads((out / "train_state.json").read_text())["args"]
+    assert (st["lr"], st["weight_decay"], st["grad_clip"]) == (1e-2, 0.1, 1.0)
+    assert main([*_train_args(model_dir, text_file, out, 4, "--resume"), "--lr", "5e-3"]) == 0
+    assert json.loads((out / "train_state.json").read_text())["args"]["lr"] == 5e-3
+
+
+def test_resume_warns_without_optimizer_and_refuses_a_damaged_state(model_dir, text_file, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(_train_args(model_dir, text_file, out, 2)) == 0
+    (out / "optimizer.safetensors").unlink()
+    capsys.readouterr()
+    assert main(_train_args(model_dir, text_file, out, 3, "--resume")) == 0
+    assert "no optimizer.safetensors" in capsys.readouterr().err
+    (out / "train_state.json").write_text('{"args": {}}')
+    assert main(_train_args(model_dir, text_file, out, 4, "--resume")) == 2
+    assert "train_state.json' is damaged (KeyError" in capsys.readouterr().err
+
+
+def test_train_refuses_a_non_causal_model(text_file, tmp_path, capsys) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertLMHeadModel, PreTrainedTokenizerFast
+
+    d = tmp_path / "bert"
+    vocab = {"[UNK]": 0, "[SEP]": 1, ".": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", sep_token="[SEP]").save_pretrained(d)
+    cfg = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    BertLMHeadModel(cfg).save_pretrained(d)  # is_decoder=False: bidirectional attention
+    capsys.readouterr()
+    assert main(_train_args(d, text_file, tmp_path / "o", 2)) == 2
+    assert "is not a causal language model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_refuses_fp16_adapters_and_a_file_as_out(model_dir, text_file, tmp_path, capsys) -> None:
+    capsys.readouterr()
+    assert main(_train_args(model_dir, text_file, tmp_path / "o", 2, "--dtype", "float16")) == 2
+    assert "AdamW's eps (1e-8) rounds to 0 in float16" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(_train_args(model_dir, text_file, tmp_path / "afile", 2)) == 2
+    assert "is a file; pass a directory" in capsys.readouterr().err

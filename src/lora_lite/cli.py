@@ -94,9 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", required=True, help="output directory (adapter.safetensors, train_state.json, ...)")
     o.add_argument("--resume", action="store_true", help="continue the run saved in --out up to --steps")
     o.add_argument("--steps", type=int, default=100, help="total optimizer steps (default: 100)")
-    o.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default: 3e-4)")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default: 1)")
+    o.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 3e-4; resume: the run's)")
+    o.add_argument(
+        "--weight-decay", type=float, default=None, help="AdamW weight decay (default: 0; resume: the run's)"
+    )
+    o.add_argument(
+        "--grad-clip", type=float, default=None, help="max gradient norm, 0 = off (default: 1; resume: the run's)"
+    )
     o.add_argument("--holdout", type=float, default=0.05, help="fraction of blocks held out (default: 0.05)")
     o.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps, 0 = end only")
     o.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: end only)")
@@ -203,7 +207,26 @@ def load_causal_lm(ref: str, device: torch.device):
         )
     tok = AutoTokenizer.from_pretrained(ref)
     model = AutoModelForCausalLM.from_pretrained(ref).to(device)
+    _check_causal(model, ref, device)
     return model, tok
+
+
+def _check_causal(model: torch.nn.Module, ref: str, device: torch.device) -> None:
+    """Refuse a model whose output at a position depends on later tokens (an encoder loaded through an LM head,
+    e.g. BERT without is_decoder=True): next-token training on it would learn to copy the answer."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.tensor([[0, 1, 2, vocab - 1], [0, 1, 2, vocab - 2]], device=device) % vocab
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    model.train(was)
+    _need(
+        torch.allclose(logits[0, :3], logits[1, :3], rtol=1e-4, atol=1e-5),
+        f"--model {ref!r} is not a causal language model: its output at a position changes with later tokens "
+        f"({type(model).__name__}; an encoder such as BERT without is_decoder=True). train/eval need a decoder "
+        "(Llama, Qwen, GPT-2, ...)",
+    )
 
 
 def read_texts(path: str, text_field: str) -> list[str]:
@@ -340,14 +363,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     _need(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
-    _need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
     _need(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     out = Path(args.out)
+    _need(not out.exists() or out.is_dir(), f"--out {args.out!r} is a file; pass a directory")
     state_path, adapter_path, optim_path = out / STATE_FILE, out / ADAPTER_FILE, out / OPTIM_FILE
     prev: dict[str, Any] = {}
     if args.resume:
         _need(adapter_path.is_file() and state_path.is_file(), f"--resume: {str(out)!r} holds no run to resume")
-        prev = json.loads(state_path.read_text())
+        try:
+            prev = json.loads(state_path.read_text())
+            int(prev["step"])
+        except (ValueError, KeyError, TypeError) as e:
+            _need(False, f"--resume: {str(state_path)!r} is damaged ({type(e).__name__}: {e}); cannot resume from it")
         cfg = ll.read_adapter(adapter_path)[0]
         changed = [
             k
@@ -369,6 +396,22 @@ def cmd_train(args: argparse.Namespace) -> int:
             not adapter_path.exists(), f"{str(adapter_path)!r} exists; pass --resume to continue it, or another --out"
         )
         cfg = config_from_args(args)  # validate before the (slow) model load
+    saved = prev.get("args", {})  # a resume keeps the run's optimizer settings unless the command line gives them
+    for k, default in (("lr", 3e-4), ("weight_decay", 0.0), ("grad_clip", 1.0)):
+        if getattr(args, k) is None:
+            setattr(args, k, saved.get(k, default))
+    _need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    _need(
+        cfg.dtype != torch.float16,
+        "--dtype float16: AdamW's eps (1e-8) rounds to 0 in float16, so the first update divides by zero and "
+        "the adapter turns NaN; train adapters in bfloat16 or float32 (the base model may stay float16)",
+    )
+    if args.resume and not optim_path.is_file():
+        print(
+            f"lora-lite: warning: --resume: no {OPTIM_FILE} in {str(out)!r}: AdamW restarts from zero moments, so "
+            "the run will differ from an uninterrupted one",
+            file=sys.stderr,
+        )
     texts = read_texts(args.data, args.text_field)
     device = _device(args.device)
     torch.manual_seed(args.seed)
@@ -402,6 +445,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         load_optimizer(opt, names, optim_path)
         for g in opt.param_groups:  # the command line wins over the saved hyper-parameters
             g["lr"], g["weight_decay"] = args.lr, args.weight_decay
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # now, not after training: an unwritable --out fails before the work
+    except OSError as e:
+        _need(False, f"--out {args.out!r}: cannot create the directory ({e})")
 
     def checkpoint(step: int) -> None:
         out.mkdir(parents=True, exist_ok=True)
@@ -471,6 +519,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     texts = read_texts(args.data, args.text_field)
     device = _device(args.device)
     model, tok = load_causal_lm(args.model, device)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    _need(max_pos is None or args.seq_len <= max_pos, f"--seq-len {args.seq_len} > the model's {max_pos} positions")
     blocks = make_blocks(texts, tok, args.seq_len)
     ll.load(model, adapter)
     with ll.disabled(model):
