@@ -439,3 +439,11 @@ def test_fingerprint_mismatch_for_weight_dependent_variant(tmp_path) -> None:
         _assert_untouched(other, sd0)
     finally:
         ll.REGISTRY.pop("_rewrites_test")
+
+
+def test_layers_that_no_block_has_are_refused() -> None:
+    """`layers=(0, 7)` on a 2-block model silently targeted block 0 only (and saved layers=[0, 7])."""
+    m = Toy()
+    with pytest.raises(ll.TargetError, match=r"layers=\(0, 7\): no block has index \[7\] .*\[0, 1\]"):
+        ll.attach(m, _cfg(layers=(0, 7)))
+    assert not ll.is_attached(m)

@@ -203,6 +203,14 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[tuple[str, nn.Mo
     by target_names if any of them does."""
     everything = linear_modules(model)
     aliases = module_names(model)
+    if cfg.layers is not None:  # an index no block has is a typo or the wrong model, not "nothing there"
+        present = {block_index(n) for n, _, _ in everything} - {None}
+        missing = sorted(set(cfg.layers) - present)
+        if missing:
+            raise TargetError(
+                f"layers={cfg.layers}: no block has index {missing} (the model's blocks with linear layers: "
+                f"{sorted(present) if present else 'none found'}); fix layers"
+            )
     out = []
     for name, m, role in everything:
         names = aliases.get(id(m), [name])
