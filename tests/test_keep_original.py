@@ -40,12 +40,18 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("variant", REWRITING)
-def test_same_adapter_and_training_as_the_default_but_nothing_kept(variant: str) -> None:
-    x = torch.randn(4, 5, 256)
+def _kept_and_dropped(variant: str) -> tuple[nn.Module, nn.Module]:
+    """The same model attached twice: with the default, and with keep_original=False."""
     kept, dropped = _model(), _model()
     ll.attach(kept, _cfg(variant))
     ll.attach(dropped, _cfg(variant), keep_original=False)
+    return kept, dropped
+
+
+@pytest.mark.parametrize("variant", REWRITING)
+def test_same_adapter_and_training_as_the_default_but_nothing_kept(variant: str) -> None:
+    x = torch.randn(4, 5, 256)
+    kept, dropped = _kept_and_dropped(variant)
     assert _same(_raw(kept), _raw(dropped))  # W_res and every lora_* tensor, bit for bit
     for layer in ll.targets(dropped).values():
         st = layer._lora_lite
@@ -95,9 +101,7 @@ def test_what_needs_the_original_raises_and_changes_nothing(variant: str, tmp_pa
 @pytest.mark.parametrize("variant", REWRITING)
 def test_merge_works_and_gives_the_same_weights_as_the_default(variant: str) -> None:
     x = torch.randn(2, 3, 256)
-    kept, dropped = _model(), _model()
-    ll.attach(kept, _cfg(variant))
-    ll.attach(dropped, _cfg(variant), keep_original=False)
+    kept, dropped = _kept_and_dropped(variant)
     _train(kept, x)
     _train(dropped, x)
     ll.merge(kept)
