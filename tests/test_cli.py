@@ -373,3 +373,16 @@ def test_train_refuses_fp16_adapters_and_a_file_as_out(model_dir, text_file, tmp
     (tmp_path / "afile").write_text("x")
     assert main(_train_args(model_dir, text_file, tmp_path / "afile", 2)) == 2
     assert "is a file; pass a directory" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_checkpoint_interrupted_between_its_writes(model_dir, text_file, tmp_path, capsys) -> None:
+    """A checkpoint is three files; an interrupt after the adapter but before train_state.json left a new adapter
+    with the old step, and the resumed run differed from a straight one (0.04) without a word."""
+    out, other = tmp_path / "run", tmp_path / "other"
+    assert main(_train_args(model_dir, text_file, out, 2)) == 0
+    assert main(_train_args(model_dir, text_file, other, 3)) == 0
+    (out / "adapter.safetensors").write_bytes((other / "adapter.safetensors").read_bytes())  # the new adapter only
+    capsys.readouterr()
+    assert main(_train_args(model_dir, text_file, out, 4, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "adapter.safetensors' is not the file of step 2 recorded in train_state.json" in err

@@ -318,6 +318,16 @@ def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _file_hash(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def save_optimizer(opt: torch.optim.Optimizer, names: list[str], path: Path) -> None:
     """AdamW state as safetensors (tensors keyed by parameter name) + param_groups as JSON metadata."""
     from safetensors.torch import save_file
@@ -375,6 +385,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             int(prev["step"])
         except (ValueError, KeyError, TypeError) as e:
             _need(False, f"--resume: {str(state_path)!r} is damaged ({type(e).__name__}: {e}); cannot resume from it")
+        for fname, digest in prev.get("files", {}).items():  # (older runs have no "files": not checked)
+            f = out / fname
+            _need(
+                not f.is_file() or _file_hash(f) == digest,
+                f"--resume: {str(f)!r} is not the file of step {prev['step']} recorded in {STATE_FILE} (the last "
+                "checkpoint was interrupted between its writes); the run cannot be resumed exactly. Start it again, "
+                "or train on from the adapter alone with a new --out and ll.load",
+            )
         cfg = ll.read_adapter(adapter_path)[0]
         changed = [
             k
@@ -458,7 +476,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = {k: v for k, v in vars(args).items() if k not in ("resume", "func", "debug")}
         if args.resume:  # the adapter flags were ignored (the config came from the file): keep the saved run's
             run.update({k: prev["args"][k] for k in _ADAPTER_FLAGS if k in prev.get("args", {})})
-        _write_json(state_path, {"step": step, "args": run, "config": cfg.to_dict(), "history": history})
+        # written last, with the hashes of the two files it goes with: an interrupt between the three writes
+        # leaves a state whose hashes do not match, which --resume refuses instead of mixing two steps
+        files = {f.name: _file_hash(f) for f in (adapter_path, optim_path)}
+        _write_json(
+            state_path, {"step": step, "args": run, "config": cfg.to_dict(), "history": history, "files": files}
+        )
 
     def held_out() -> float | None:
         return lm_eval(model, held, args.batch_size, device) if len(held) else None
