@@ -471,6 +471,15 @@ def require_original(layer: nn.Module, what: str) -> None:
         )
 
 
+def require_outside_blocks(layer: nn.Module, what: str, why: str) -> None:
+    """Raise if `what` (which reads the trained adapter at c = 1) runs inside ll.disabled or ll.scaled."""
+    st: _LayerState = layer._lora_lite
+    if not st.enabled or st.coef != 1.0:
+        raise AdapterError(
+            f"{st.name}: {what} called inside ll.disabled or ll.scaled; call it outside those blocks {why}"
+        )
+
+
 def _compact_original(layer: nn.Module, dense: Original) -> Original:
     """The compact Original (original.py) from the variant's `residual_factors` (W − W_res ≈ L R), if it has them."""
     factors = getattr(layer._lora_lite.variant, "residual_factors", None)

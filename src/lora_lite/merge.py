@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapter import AdapterError, _remove, targets
+from .adapter import AdapterError, _remove, require_outside_blocks, targets
 from .target import computed_weight, is_conv1d, is_quantized, module_names, unwrap, weight_sharers
 
 
@@ -39,11 +39,7 @@ def _checked(model: nn.Module) -> dict[str, nn.Module]:
             )
         if getattr(st.variant, "merged_weight", None) is None:
             raise AdapterError(f"{name}: variant {st.variant.name!r} defines no merged_weight(layer); it cannot merge")
-        if not st.enabled or st.coef != 1.0:
-            raise AdapterError(
-                f"{name}: ll.merge / ll.merged_state_dict called inside ll.disabled or ll.scaled; "
-                "call it outside those blocks (it folds the trained adapter, c = 1)"
-            )
+        require_outside_blocks(layer, "ll.merge / ll.merged_state_dict", "(it folds the trained adapter, c = 1)")
         shared = [n for m, n in owners.get(id(layer.weight), {}).items() if m != id(layer)]
         if shared:
             raise AdapterError(

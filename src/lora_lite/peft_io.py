@@ -43,6 +43,7 @@ from .adapter import (
     detach,
     original_weight,
     require_original,
+    require_outside_blocks,
     targets,
 )
 from .config import _DTYPES, LoraLiteConfig
@@ -154,12 +155,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
 
     state = _state(model)
     cfg = state.cfg
-    for name, layer in state.layers.items():
-        if not layer._lora_lite.enabled or layer._lora_lite.coef != 1.0:
-            raise AdapterError(
-                f"{name}: export_peft called inside ll.disabled or ll.scaled; call it outside those blocks "
-                "(it exports the trained adapter, c = 1)"
-            )
+    for layer in state.layers.values():
+        require_outside_blocks(layer, "export_peft", "(it exports the trained adapter, c = 1)")
     if cfg.variant in _LORA_LIKE:
         config, tensors = _export_lora(model, cfg)
     elif cfg.variant in ("ia3", "ia3_ff"):
