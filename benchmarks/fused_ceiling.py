@@ -123,7 +123,7 @@ def check(size: bench.Size, seed: int = 0) -> float:
     worst = 0.0
     for name, p in ours.named_parameters():
         if p.requires_grad:
-            q = fused.get_parameter(name)
+            q = fused.get_parameter(name.replace(".lora_lite.default.", "."))
             worst = max(worst, ((p.grad - q.grad).abs().max() / p.grad.abs().max()).item())
     return worst
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from _models import llama_batch, lm_loss, tiny_llama
+from _models import ad, llama_batch, lm_loss, tiny_llama
 
 import lora_lite as ll
 
@@ -126,7 +126,7 @@ def scalar_grads(rank: int = 0, world: int = 1, mesh=None) -> dict[str, torch.Te
     torch.manual_seed(5)
     with torch.no_grad():  # B != 0, or λ has no gradient yet (the update is λ·(…)·Bᵀ)
         for layer in ll.targets(model).values():
-            layer.lora_B.normal_(std=0.1)
+            ad(layer).lora_B.normal_(std=0.1)
     if mesh is not None:
         shard(model, mesh)
     for step in range(2):

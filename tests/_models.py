@@ -64,3 +64,9 @@ def llama_batch(seed: int = 1, batch: int = 2, seq: int = 12, vocab: int = 128) 
 
 def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
+
+
+def ad(layer, name: str = "default"):
+    """The adapter's module on `layer` (its lora_* tensors and record `_lora_lite`); an adapter module as is."""
+    stack = getattr(layer, "lora_lite", None)
+    return layer if stack is None else stack[name]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _models import ad
 from torch import nn
 
 import lora_lite as ll
@@ -187,12 +188,12 @@ def _scalar(t: torch.Tensor) -> torch.Tensor:
 def map_lora(pl: nn.Module) -> Mapping:
     """peft lora_A/lora_B are nn.Linear(d_in, r) / nn.Linear(r, d_out): weights (r, d_in), (d_out, r) as ours,
     also on GPT-2 Conv1D (peft transposes the base weight, never the adapter)."""
-    return {"lora_A": (pl.lora_A["default"].weight, _same), "lora_B": (pl.lora_B["default"].weight, _same)}
+    return {"lora_A": (ad(pl).lora_A["default"].weight, _same), "lora_B": (ad(pl).lora_B["default"].weight, _same)}
 
 
 def map_dora(pl: nn.Module) -> Mapping:
     """+ peft's magnitude `lora_magnitude_vector[name].weight` (d_out,) -> our lora_m."""
-    return {**map_lora(pl), "lora_m": (pl.lora_magnitude_vector["default"].weight, _same)}
+    return {**map_lora(pl), "lora_m": (ad(pl).lora_magnitude_vector["default"].weight, _same)}
 
 
 def map_ia3(pl: nn.Module) -> Mapping:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _models import TINY_DECODER, tiny_llama
+from _models import TINY_DECODER, ad, tiny_llama
 from torch import nn
 
 import lora_lite as ll
@@ -225,7 +225,7 @@ def test_default_roles_pick_sensible_layers(arch: str) -> None:
     expected = {prefix.format(i=i) + s for i in range(n_blocks) for s in suffixes}
     names = ll.attach(model, ll.LoraLiteConfig(variant="lora", r=2))
     assert set(names) == expected
-    roles = {n: layer._lora_lite.role for n, layer in ll.targets(model).items()}
+    roles = {n: ad(layer)._lora_lite.role for n, layer in ll.targets(model).items()}
     writers = {n for n, r in roles.items() if r == "writer"}
     # exactly one writer per block: the feed-forward down projection
     assert len(writers) == n_blocks, writers
@@ -296,8 +296,8 @@ def test_conv1d_equals_linear_with_transposed_weight(variant: str) -> None:
         torch.manual_seed(4)  # same kaiming draws on both
         ll.attach(m, cfg, calibration_data=calib if variant == "eva" else None)
     conv, lin = conv_m.proj, lin_m.proj
-    for name in conv._lora_lite.names:  # init from the weight: SVD factors, wnorm, dora's m, eva's A
-        _close(getattr(conv, name), getattr(lin, name), f"{variant} init {name}")
+    for name in ad(conv)._lora_lite.names:  # init from the weight: SVD factors, wnorm, dora's m, eva's A
+        _close(getattr(ad(conv), name), getattr(ad(lin), name), f"{variant} init {name}")
     _close(conv.weight.T, lin.weight, f"{variant} (rewritten) weight")
     _perturb(conv_m)
     _perturb(lin_m)
@@ -305,11 +305,11 @@ def test_conv1d_equals_linear_with_transposed_weight(variant: str) -> None:
     _close(y_conv, y_lin, f"{variant} output")
     (y_conv**2).sum().backward()
     (y_lin**2).sum().backward()
-    for name in conv._lora_lite.names:
-        p = getattr(conv, name)
+    for name in ad(conv)._lora_lite.names:
+        p = getattr(ad(conv), name)
         if p.requires_grad:
-            _close(p.grad, getattr(lin, name).grad, f"{variant} grad {name}", rtol=1e-4)
-    if getattr(conv._lora_lite.variant, "merged_weight", None) is not None and hasattr(ll, "merge"):
+            _close(p.grad, getattr(ad(lin), name).grad, f"{variant} grad {name}", rtol=1e-4)
+    if getattr(ad(conv)._lora_lite.variant, "merged_weight", None) is not None and hasattr(ll, "merge"):
         with torch.no_grad():
             ll.merge(conv_m)
             ll.merge(lin_m)
@@ -326,8 +326,8 @@ def test_conv1d_shapes_follow_nx_nf() -> None:
     ll.attach(model, ll.LoraLiteConfig(variant="dora", r=4))
     c_attn = model.transformer.h[0].attn.c_attn  # nx = 32 (d_in), nf = 96 (d_out), weight (32, 96)
     assert tuple(c_attn.weight.shape) == (32, 96)
-    assert tuple(c_attn.lora_A.shape) == (4, 32) and tuple(c_attn.lora_B.shape) == (96, 4)
-    assert torch.allclose(c_attn.lora_m, c_attn.weight.norm(dim=0), rtol=1e-6)  # row norms of W = Wᵀ's columns
+    assert tuple(ad(c_attn).lora_A.shape) == (4, 32) and tuple(ad(c_attn).lora_B.shape) == (96, 4)
+    assert torch.allclose(ad(c_attn).lora_m, c_attn.weight.norm(dim=0), rtol=1e-6)  # row norms of W = Wᵀ's columns
 
 
 # ---------------------------------------------------------------- summary and the attach log line
@@ -345,7 +345,7 @@ def test_summary_lists_targets_roles_shapes_and_counts() -> None:
     for name, layer in ll.targets(model).items():
         line = next(line for line in text.splitlines() if line.startswith(name + " "))
         d_in, d_out = layer.nx, layer.nf
-        assert layer._lora_lite.role in line and "lora" in line and f"{d_in} -> {d_out}" in line
+        assert ad(layer)._lora_lite.role in line and "lora" in line and f"{d_in} -> {d_out}" in line
         assert line.rstrip().endswith(f"{4 * (d_in + d_out):,}")
     assert f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.4g}%)" in text
     assert preview.splitlines()[2:-2] == text.splitlines()[2:-2]  # the preview predicted the same rows

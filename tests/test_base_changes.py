@@ -19,7 +19,7 @@ import copy
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from _models import llama_batch, tiny_llama
+from _models import ad, llama_batch, tiny_llama
 from test_ecosystem import CFGS, _attached, _cfg
 from test_merge import perturb, rel
 from test_robustness import assert_pristine, snapshot
@@ -94,7 +94,7 @@ def test_detach_refuses_when_the_residual_was_overwritten(variant: str) -> None:
         with ll.disabled(dst):
             pass
     assert all(torch.equal(v, snap[k]) for k, v in dst.state_dict().items())
-    assert all(layer._lora_lite.enabled and not layer._lora_lite.cache for layer in ll.targets(dst).values())
+    assert all(ad(layer)._lora_lite.enabled and not ad(layer)._lora_lite.cache for layer in ll.targets(dst).values())
     ids = llama_batch()
     y = _logits(dst, ids)
     ll.merge(dst)  # the way out the message gives: the adapted model as plain weights

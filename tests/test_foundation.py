@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from _models import Toy, llama_batch, lm_loss, tiny_llama
+from _models import Toy, ad, llama_batch, lm_loss, tiny_llama
 from safetensors.torch import save_file
 
 import lora_lite as ll
@@ -146,7 +146,7 @@ def test_every_lora_tensor_is_live() -> None:
     assert set(names) == want
     with torch.no_grad():  # make B non-zero so A matters too
         for layer in ll.targets(m).values():
-            layer.lora_B.normal_()
+            ad(layer).lora_B.normal_()
     base = m(ids).logits
     for key, t in ll.adapter_state_dict(m).items():
         with torch.no_grad():
@@ -257,7 +257,7 @@ def test_saved_file_format(tmp_path) -> None:
     with safe_open(str(p), framework="pt") as f:
         meta = f.metadata()
         keys = set(f.keys())
-    assert meta["format"] == "lora-lite" and meta["format_version"] == "1"
+    assert meta["format"] == "lora-lite" and meta["format_version"] == "2" and meta["name"] == "default"
     assert ll.LoraLiteConfig.from_json(meta["config"]) == cfg
     assert keys == {f"layers.{i}.{k}.lora_{ab}" for i in (0, 1) for k in ("up", "down") for ab in "AB"}
     assert list(tmp_path.iterdir()) == [p]  # no temp file left behind
@@ -416,7 +416,7 @@ def test_fingerprint_mismatch_for_weight_dependent_variant(tmp_path) -> None:
         name = "_rewrites_test"
         rewrites_weight = True
         param_specs = staticmethod(lambda d_in, d_out, cfg: {"lora_g": ll.ParamSpec((d_out,), init="ones")})
-        forward = staticmethod(lambda layer, x, y: y * layer.lora_g)
+        forward = staticmethod(lambda layer, x, y: y * ad(layer).lora_g)
 
         @staticmethod
         def init(layer, cfg):

@@ -133,7 +133,7 @@ def test_lora_lite_metadata_on_foreign_tensors_is_refused(tmp_path, good) -> Non
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda m: m.update(format_version="2"), "format version '2'.*reads version 1"),
+        (lambda m: m.update(format_version="3"), "format version '3'.*reads versions 1, 2"),
         (lambda m: m.update(format_version="banana"), "format version 'banana'"),
         (lambda m: m.pop("format_version"), "format version None"),
         (lambda m: m.pop("config"), "config in its metadata is invalid.*KeyError"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _models import ad
 from torch import nn
 
 import lora_lite as ll
@@ -94,7 +95,7 @@ def test_hook_registered_before_attach_keeps_the_base_output() -> None:
     with torch.no_grad():
         ref = m(x).clone()
         ll.attach(m, ll.LoraLiteConfig(variant="lora", r=4, target_names=(r"^0$",)))
-        nn.init.normal_(m[0].lora_B)
+        nn.init.normal_(ad(m[0]).lora_B)
         y = m(x)
     assert torch.equal(seen[-1], ref) and not torch.equal(y, ref)
 
@@ -120,7 +121,7 @@ def test_no_grad_and_inference_mode_match_out_of_place_bit_for_bit(variant: str)
         y_ng = m(x)
     with torch.inference_mode():
         y_inf = m(x)
-    hooks = [layer.register_forward_hook(lambda *_: None, prepend=True) for layer in ll.targets(m).values()]
+    hooks = [layer.base_layer.register_forward_hook(lambda *_: None, prepend=True) for layer in ll.targets(m).values()]
     with torch.no_grad():
         y_oop = m(x)  # a hook before ours: out of place
     for h in hooks:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _models import ad
 from torch import nn
 
 import lora_lite as ll
@@ -54,11 +55,11 @@ def test_same_adapter_and_training_as_the_default_but_nothing_kept(variant: str)
     kept, dropped = _kept_and_dropped(variant)
     assert _same(_raw(kept), _raw(dropped))  # W_res and every lora_* tensor, bit for bit
     for layer in ll.targets(dropped).values():
-        st = layer._lora_lite
+        st = ad(layer)._lora_lite
         assert st.original is None and st.residual_hash is None and st.original_dropped
         assert st.fingerprint is not None  # still saved, so load can check the base
     for layer in ll.targets(kept).values():
-        assert layer._lora_lite.original is not None and not layer._lora_lite.original_dropped
+        assert ad(layer)._lora_lite.original is not None and not ad(layer)._lora_lite.original_dropped
     _train(kept, x)
     _train(dropped, x)
     assert _same(_raw(kept), _raw(dropped))
@@ -87,7 +88,7 @@ def test_what_needs_the_original_raises_and_changes_nothing(variant: str, tmp_pa
             call()
         assert ll.is_attached(model) and _same(_raw(model), raw), what
         for layer in ll.targets(model).values():
-            assert layer._lora_lite.enabled and layer._lora_lite.coef == 1.0, what
+            assert ad(layer)._lora_lite.enabled and ad(layer)._lora_lite.coef == 1.0, what
         with torch.no_grad():
             assert torch.equal(model(x), out), what
     assert not (tmp_path / "peft").exists()
@@ -130,7 +131,7 @@ def test_save_and_load_with_and_without_keeping_the_original(variant: str, tmp_p
     ll.load(fresh, path, keep_original=False)
     with torch.no_grad():
         assert torch.equal(fresh(x), want)
-    assert all(layer._lora_lite.original_dropped for layer in ll.targets(fresh).values())
+    assert all(ad(layer)._lora_lite.original_dropped for layer in ll.targets(fresh).values())
     with pytest.raises(ll.AdapterError, match="keep_original=False"):
         ll.detach(fresh)
 

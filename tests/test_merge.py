@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _models import tiny_llama
+from _models import ad, tiny_llama
 from test_variants_common import ALL_ROLES, CASES, _attach, _inputs, _model, _out
 from torch import nn
 
@@ -130,7 +130,7 @@ def test_merge_refuses_quantized_base_before_changing_anything() -> None:
         ll.merge(model)
     with pytest.raises(ll.AdapterError, match="quantized"):
         ll.merged_state_dict(model)
-    assert ll.is_attached(model) and torch.equal(model[0].weight, w0) and hasattr(model[0], "lora_A")
+    assert ll.is_attached(model) and torch.equal(model[0].weight, w0) and hasattr(ad(model[0]), "lora_A")
 
 
 def test_merge_refuses_tied_weights() -> None:
@@ -158,7 +158,7 @@ def test_cli_merge(variant: str, tmp_path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from lora_lite.cli import main
+    from lora_lite.app.cli import main
 
     base_dir, out = tmp_path / "base", tmp_path / "merged"
     tk = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))

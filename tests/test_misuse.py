@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from _models import Toy
+from _models import Toy, ad
 from test_robustness import assert_pristine, snapshot
 
 import lora_lite as ll
@@ -49,7 +49,7 @@ def _perturb(m, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(100 + seed)
     with torch.no_grad():
         for layer in ll.targets(m).values():
-            for n in layer._lora_lite.names:
+            for n in ad(layer)._lora_lite.names:
                 p = getattr(layer, n)
                 if isinstance(p, torch.nn.Parameter) and p.requires_grad:
                     p.add_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
@@ -360,10 +360,10 @@ def test_attach_on_a_peft_model_refuses_the_name_clash(tmp_path) -> None:
     ll.attach(m, ll.LoraLiteConfig(r=2, target_names=("layers.0.q$",)))
     p = ll.save(m, tmp_path / "a.safetensors")
     clash = Toy()
-    clash.layers[0].q.lora_A = torch.nn.Parameter(torch.zeros(1))  # someone else's tensor of that name
+    ad(clash.layers[0].q).lora_A = torch.nn.Parameter(torch.zeros(1))  # someone else's tensor of that name
     with pytest.raises(ll.LoadError, match="already has an attribute 'lora_A'"):
         ll.load(clash, p)
-    assert clash.layers[0].q.lora_A.shape == (1,) and not ll.is_attached(clash)
+    assert ad(clash.layers[0].q).lora_A.shape == (1,) and not ll.is_attached(clash)
 
 
 def assert_pristine_except_peft(m, snap) -> None:

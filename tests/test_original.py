@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _models import ad
 from torch import nn
 
 import lora_lite as ll
@@ -109,7 +110,7 @@ def test_attach_keeps_compact_form_and_detach_after_training_is_exact(
         base = model(x)
     ll.attach(model, ll.LoraLiteConfig(variant=variant, r=8, target_names=(r"^[02]$",)))
     for layer in ll.targets(model).values():
-        o = layer._lora_lite.original
+        o = ad(layer)._lora_lite.original
         assert o.dense is None, "the compact form should be chosen at this size"
         # 4-bit codes are 1/8 of an fp32 weight (1/4 of bf16); on layers this small the fp64 factors add as much again
         limit = 0.4 if dtype == torch.float32 else 0.75
@@ -138,7 +139,7 @@ def test_compact_original_of_a_cuda_model_lives_on_the_cpu_and_restores_exactly(
     adapter = sum(t.numel() * t.element_size() for t in ll.adapter_state_dict(model).values())
     assert torch.cuda.memory_allocated() - before <= adapter  # no copy of the weights kept on the device
     for layer in ll.targets(model).values():
-        o = layer._lora_lite.original
+        o = ad(layer)._lora_lite.original
         assert o.dense is None and o.L.device.type == "cpu" and o.codes.device.type == "cpu"
     ll.detach(model)
     for n, p in model.state_dict().items():
@@ -153,11 +154,11 @@ def test_disabled_rebuilds_the_original_once_and_reuses_it() -> None:
         base = model(x)
     ll.attach(model, ll.LoraLiteConfig(variant="pissa", r=8, target_names=(r"^[02]$",)))
     layers = list(ll.targets(model).values())
-    assert all("original" not in layer._lora_lite.cache for layer in layers)  # compact only, until needed
+    assert all("original" not in ad(layer)._lora_lite.cache for layer in layers)  # compact only, until needed
     with torch.no_grad():
         with ll.disabled(model):
             assert torch.equal(model(x), base)
-        kept = [layer._lora_lite.cache["original"] for layer in layers]
+        kept = [ad(layer)._lora_lite.cache["original"] for layer in layers]
         with ll.disabled(model):  # a DPO-style second reference pass: no rebuild
             assert torch.equal(model(x), base)
             assert all(layer.weight.data_ptr() == w.data_ptr() for layer, w in zip(layers, kept))

@@ -22,6 +22,7 @@ import math
 
 import pytest
 import torch
+from _models import ad
 from _parity import (
     FEEDFORWARD,
     MODELS,
@@ -80,7 +81,7 @@ def _dense_dora_norm(layer: torch.nn.Module) -> torch.Tensor:
     """peft's DoRA norm, `torch.linalg.norm(W + s·B A, dim=1)` (peft/tuners/lora/dora.py:85-91), for our layers."""
     from lora_lite.target import dense_weight
 
-    V = dense_weight(layer) + layer._lora_lite.scale * (layer.lora_B @ layer.lora_A)
+    V = dense_weight(layer) + ad(layer)._lora_lite.scale * (ad(layer).lora_B @ ad(layer).lora_A)
     return torch.linalg.norm(V, dim=1)
 
 
@@ -223,43 +224,43 @@ def _init_check(case: Case, pairs: list) -> dict:
     errs: list[float] = []
     if case.variant == "pissa":
         for _, pl, ol in pairs:
-            A_p, B_p = pl.lora_A["default"].weight, pl.lora_B["default"].weight
+            A_p, B_p = ad(pl).lora_A["default"].weight, ad(pl).lora_B["default"].weight
             # singular vectors are defined up to a sign per component: align ours to peft's, then compare
-            sign = torch.sign((ol.lora_A * A_p).sum(1))
-            errs.append(rel_err(ol.lora_A * sign[:, None], A_p))
-            errs.append(rel_err(ol.lora_B * sign[None, :], B_p))
+            sign = torch.sign((ad(ol).lora_A * A_p).sum(1))
+            errs.append(rel_err(ad(ol).lora_A * sign[:, None], A_p))
+            errs.append(rel_err(ad(ol).lora_B * sign[None, :], B_p))
             errs.append(rel_err(ol.weight, pl.base_layer.weight))  # the residual W - s B A, same layout both
         return dict(init_err=max(errs), init_what="A, B (up to sign) and residual weight")
     if case.variant == "dora":
         for _, pl, ol in pairs:
-            errs.append(rel_err(ol.lora_m, pl.lora_magnitude_vector["default"].weight))
+            errs.append(rel_err(ad(ol).lora_m, ad(pl).lora_magnitude_vector["default"].weight))
         return dict(init_err=max(errs), init_what="magnitude m = row norms of W")
     if case.variant == "delora":
         for _, pl, ol in pairs:
-            errs.append(rel_err(ol.lora_wnorm, pl.delora_w_norm["default"]))
-            errs.append(rel_err(ol.lora_lambda, pl.delora_lambda["default"].reshape(())))
+            errs.append(rel_err(ad(ol).lora_wnorm, pl.delora_w_norm["default"]))
+            errs.append(rel_err(ad(ol).lora_lambda, pl.delora_lambda["default"].reshape(())))
         return dict(init_err=max(errs), init_what="wnorm = column norms of W, lambda")
     if case.variant == "hra" and case.variant_kwargs.get("apply_GS"):
         for name, _pl, ol in pairs:  # deliberate deviation: random init (peft's reset_hra_parameters_random)
-            U = ol.lora_U
+            U = ad(ol).lora_U
             assert not torch.equal(U[0::2], U[1::2]), f"{name}: apply_GS must not use the paired init (GS 0/0)"
             bound = 1 / math.sqrt(U.shape[0])  # kaiming-uniform(a=√5) on peft's (d_in, r) layout: fan_in = r
             assert torch.isfinite(U).all() and U.abs().max() <= bound, name
         return dict(init_err=None, init_what="random init (deviation: peft's paired init is 0/0 under GS)")
     if case.variant == "hra":
         for name, pl, ol in pairs:
-            U, u = ol.lora_U, pl.hra_u["default"].t()  # ours (r, d_in); peft (d_in, r), transposed
+            U, u = ad(ol).lora_U, pl.hra_u["default"].t()  # ours (r, d_in); peft (d_in, r), transposed
             assert torch.equal(U[0::2], U[1::2]), f"{name}: our HRA init is not paired (u_2k = u_2k+1)"
             assert torch.equal(u[0::2], u[1::2])
             # peft's reset_hra_parameters and ours draw the same kaiming numbers: with the same seed, same init
             errs.append(rel_err(U, u))
         return dict(init_err=max(errs), init_what="paired vectors u_2k = u_2k+1; same draws as peft from the same seed")
     if case.eva:
-        angles = [principal_angles(ol.lora_A, pl.lora_A["default"].weight).max().item() for _, pl, ol in pairs]
+        angles = [principal_angles(ad(ol).lora_A, ad(pl).lora_A["default"].weight).max().item() for _, pl, ol in pairs]
         for _, pl, ol in pairs:
-            A_p = pl.lora_A["default"].weight
-            sign = torch.sign((ol.lora_A * A_p).sum(1))  # a component is defined up to its sign
-            errs.append(rel_err(ol.lora_A * sign[:, None], A_p))
+            A_p = ad(pl).lora_A["default"].weight
+            sign = torch.sign((ad(ol).lora_A * A_p).sum(1))  # a component is defined up to its sign
+            errs.append(rel_err(ad(ol).lora_A * sign[:, None], A_p))
         return dict(
             init_err=max(errs),
             init_angle_deg=math.degrees(max(angles)),

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from _models import llama_batch, tiny_llama
+from _models import ad, llama_batch, tiny_llama
 from test_merge import _gpt2, perturb, rel
 from test_variants_common import ALL_ROLES, _eva_calib
 
@@ -120,7 +120,7 @@ def test_import_reproduces_peft(case: str, tmp_path) -> None:
     assert sorted(names) == peft_names
     assert rel(_logits(model, x), want) <= RTOL
     if case == "ia3":
-        kinds = {n: layer._lora_lite.variant.name for n, layer in ll.targets(model).items()}
+        kinds = {n: ad(layer)._lora_lite.variant.name for n, layer in ll.targets(model).items()}
         assert {k for n, k in kinds.items() if n.endswith("down_proj")} == {"ia3_ff"}
         assert {k for n, k in kinds.items() if not n.endswith("down_proj")} == {"ia3"}
 
@@ -134,7 +134,7 @@ def test_import_of_a_peft_pissa_adapter_can_keep_no_original(tmp_path) -> None:
     model = tiny_llama()
     ll.import_peft(model, tmp_path, keep_original=False)
     assert rel(_logits(model, x), want) <= RTOL
-    assert all(layer._lora_lite.original_dropped for layer in ll.targets(model).values())
+    assert all(ad(layer)._lora_lite.original_dropped for layer in ll.targets(model).values())
     with pytest.raises(ll.AdapterError, match="keep_original=False"):
         ll.detach(model)
     with pytest.raises(ll.AdapterError, match="keep_original must be True or False"):

@@ -20,7 +20,7 @@ import contextlib
 
 import pytest
 import torch
-from _models import llama_batch, lm_loss, tiny_llama
+from _models import ad, llama_batch, lm_loss, tiny_llama
 from test_dtypes import VARIANTS as DTYPE_VARIANTS
 from torch import nn
 
@@ -198,7 +198,7 @@ def test_dora_magnitude_is_the_dequantized_row_norm(kind: str) -> None:
         for k in ("q", "up", "down"):
             layer = b[k]
             W = dequantize_bnb_weight(layer.weight, None).float()
-            assert torch.allclose(layer.lora_m, W.norm(dim=1), rtol=1e-6)
+            assert torch.allclose(ad(layer).lora_m, W.norm(dim=1), rtol=1e-6)
 
 
 def _packs(layer: nn.Module) -> bool:
@@ -251,7 +251,7 @@ def test_eva_calibration_does_not_repack_4bit_layers() -> None:
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
     model.train()
     _loss(model, _x()).backward()  # gradients reach the first block's adapters through the 4-bit layers
-    assert model.layers[0]["q"].lora_B.grad.abs().sum() > 0
+    assert ad(model.layers[0]["q"]).lora_B.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("variant", ["lora", "hra", "ia3_ff"])
@@ -343,7 +343,7 @@ def test_turning_off_cpu_repacking_keeps_gradients_flowing() -> None:
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
     model.train()
     _loss(model, _x()).backward()
-    assert model.layers[0]["q"].lora_B.grad.abs().sum() > 0
+    assert ad(model.layers[0]["q"]).lora_B.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _models import ad
 from test_merge import _adapted, _gpt2, perturb, rel
 from test_variants_common import ALL_ROLES, CASES, _out
 
@@ -39,7 +40,7 @@ def test_disabled_restores_on_exception(name: str) -> None:
     with pytest.raises(KeyError), ll.disabled(model):
         raise KeyError("boom")
     assert all(torch.equal(layer.weight, weights[n]) for n, layer in ll.targets(model).items())  # W_res is back
-    assert all(layer._lora_lite.enabled for layer in ll.targets(model).values())
+    assert all(ad(layer)._lora_lite.enabled for layer in ll.targets(model).values())
     with torch.no_grad():
         assert torch.equal(_out(model, "llama", x), adapted)
 
@@ -79,7 +80,7 @@ def _layer_outputs(model, c: float) -> dict[str, tuple[torch.Tensor, ...]]:
     out = {}
     with torch.no_grad():
         for name, layer in ll.targets(model).items():
-            d_in = layer.lora_g.shape[0] if layer._lora_lite.variant.name == "ia3_ff" else layer.in_features
+            d_in = ad(layer).lora_g.shape[0] if ad(layer)._lora_lite.variant.name == "ia3_ff" else layer.in_features
             x = torch.randn(3, 5, d_in, generator=g)
             with ll.disabled(model):
                 y0 = layer(x)
@@ -106,10 +107,10 @@ def test_scaled_ia3_interpolates_the_gate(c: float) -> None:
     model, *_ = _setup("ia3", "toy")
     for name, (x, y0, _, yc) in _layer_outputs(model, c).items():
         layer = ll.targets(model)[name]
-        g = 1 + c * (layer.lora_g - 1)
+        g = 1 + c * (ad(layer).lora_g - 1)
         want = (
             y0 * g
-            if layer._lora_lite.variant.name == "ia3"
+            if ad(layer)._lora_lite.variant.name == "ia3"
             else torch.nn.functional.linear(x * g, layer.weight, layer.bias)
         )
         assert rel(yc, want) <= 1e-6
@@ -138,22 +139,22 @@ def test_scaled_antipasto_rotates_by_c(c: float) -> None:
     model, *_ = _setup("antipasto", "toy")
     for name, (x, _, _, yc) in _layer_outputs(model, c).items():
         layer = ll.targets(model)[name]
-        cfg = layer._lora_lite.cfg
+        cfg = ad(layer)._lora_lite.cfg
         bs = block_size(cfg)
-        R = rotation_blocks(layer.lora_rot_T, bs, max_angle(cfg), 1.0)
+        R = rotation_blocks(ad(layer).lora_rot_T, bs, max_angle(cfg), 1.0)
         if c == -1.0:
             R = R.transpose(-1, -2)
         else:
-            R = rotation_blocks(layer.lora_rot_T, bs, max_angle(cfg), c)
-        Vh = (R @ layer.lora_Vh.view(-1, bs, layer.lora_Vh.shape[1])).view_as(layer.lora_Vh)
-        S = layer.lora_S + c * layer.lora_delta_s
-        want = torch.nn.functional.linear(x, layer.weight, layer.bias) + ((x @ Vh.T) * S) @ layer.lora_U.T
+            R = rotation_blocks(ad(layer).lora_rot_T, bs, max_angle(cfg), c)
+        Vh = (R @ ad(layer).lora_Vh.view(-1, bs, ad(layer).lora_Vh.shape[1])).view_as(ad(layer).lora_Vh)
+        S = ad(layer).lora_S + c * ad(layer).lora_delta_s
+        want = torch.nn.functional.linear(x, layer.weight, layer.bias) + ((x @ Vh.T) * S) @ ad(layer).lora_U.T
         assert rel(yc, want) <= 1e-5
 
 
 def test_scaled_nests_restores_on_exception_and_validates() -> None:
     model, x, _, adapted = _setup("lora")
-    states = [layer._lora_lite for layer in ll.targets(model).values()]
+    states = [ad(layer)._lora_lite for layer in ll.targets(model).values()]
     with ll.scaled(model, 0.5):
         with pytest.raises(ValueError), ll.scaled(model, -2):
             assert all(st.coef == -2.0 for st in states)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import ad
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrizations, parametrize
@@ -50,8 +51,8 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def _dora_reference(layer: nn.Module, W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """DoRA's docstring equation with the dense norm: b + m/‖W + sBA‖_row ⊙ x (W + sBA)ᵀ."""
-    V = W + layer._lora_lite.scale * layer.lora_B @ layer.lora_A
-    return layer.bias + (layer.lora_m / V.norm(dim=1)) * (x @ V.T)
+    V = W + ad(layer)._lora_lite.scale * ad(layer).lora_B @ ad(layer).lora_A
+    return layer.bias + (ad(layer).lora_m / V.norm(dim=1)) * (x @ V.T)
 
 
 # ---------------------------------------------------------------- weights recomputed on access

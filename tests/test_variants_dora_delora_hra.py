@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _models import Toy
+from _models import Toy, ad
 from torch import nn
 
 import lora_lite as ll
@@ -84,7 +84,7 @@ def test_dora_matches_formula_bias_not_scaled(bias) -> None:
     model = _attach(lin, "dora", alpha=8.0)
     _randomize(lin)
     x = _x()
-    A, B, m = lin.lora_A, lin.lora_B, lin.lora_m
+    A, B, m = ad(lin).lora_A, ad(lin).lora_B, ad(lin).lora_m
     s = 8.0 / R
     out = model(x)
     ref = _dora_formula(x, W, b, A, B, m, s)
@@ -103,9 +103,9 @@ def test_dora_weight_norm_formula_equals_dense_norm() -> None:
     lin = _linear()
     model = _attach(lin, "dora", alpha=8.0)
     _randomize(lin)
-    dense = torch.linalg.norm(lin.weight + 2.0 * lin.lora_B @ lin.lora_A, dim=1)
-    _close(weight_norm(lin), dense.detach(), rtol=1e-6)
-    assert not weight_norm(lin).requires_grad
+    dense = torch.linalg.norm(lin.weight + 2.0 * ad(lin).lora_B @ ad(lin).lora_A, dim=1)
+    _close(weight_norm(ad(lin)), dense.detach(), rtol=1e-6)
+    assert not weight_norm(ad(lin)).requires_grad
     ll.detach(model)
 
 
@@ -114,8 +114,8 @@ def test_dora_init_magnitude_is_row_norm_and_identity() -> None:
     x = _x()
     y0 = lin(x)
     model = _attach(lin, "dora")
-    _close(lin.lora_m, torch.linalg.norm(lin.weight, dim=1), rtol=1e-6)
-    assert torch.equal(lin.lora_B, torch.zeros_like(lin.lora_B))
+    _close(ad(lin).lora_m, torch.linalg.norm(lin.weight, dim=1), rtol=1e-6)
+    assert torch.equal(ad(lin).lora_B, torch.zeros_like(ad(lin).lora_B))
     assert torch.equal(model(x), y0)
 
 
@@ -131,7 +131,7 @@ def test_dora_dropout_matches_peft_convention() -> None:
     out = model(x)
     torch.manual_seed(5)
     xd = F.dropout(x, 0.5, training=True)
-    A, B, m, s = lin.lora_A, lin.lora_B, lin.lora_m, 2.0
+    A, B, m, s = ad(lin).lora_A, ad(lin).lora_B, ad(lin).lora_m, 2.0
     g = m / torch.linalg.norm(W + s * B @ A, dim=1)
     ref = x @ W.T + b + (g - 1) * (xd @ W.T) + g * (s * (xd @ A.T) @ B.T)
     _close(out, ref)
@@ -149,10 +149,10 @@ def test_dora_gpt2_conv1d() -> None:
     x = _x()
     y0 = conv(x)
     model = _attach(conv, "dora", alpha=8.0)
-    _close(conv.lora_m, torch.linalg.norm(W, dim=1), rtol=1e-6)
+    _close(ad(conv).lora_m, torch.linalg.norm(W, dim=1), rtol=1e-6)
     assert torch.equal(model(x), y0)
     _randomize(conv)
-    _close(model(x), _dora_formula(x, W, b, conv.lora_A, conv.lora_B, conv.lora_m, 2.0))
+    _close(model(x), _dora_formula(x, W, b, ad(conv).lora_A, ad(conv).lora_B, ad(conv).lora_m, 2.0))
 
 
 def _bnb_4bit(lin: nn.Linear) -> nn.Module:
@@ -178,16 +178,16 @@ def test_dora_quantized_base(quant) -> None:
         y0 = q(x)
         W = ll.target.dense_weight(q)  # dequantized
         model = _attach(q, "dora", alpha=8.0)
-        _close(q.lora_m, torch.linalg.norm(W, dim=1), rtol=1e-6)
+        _close(ad(q).lora_m, torch.linalg.norm(W, dim=1), rtol=1e-6)
         assert torch.equal(model(x), y0)
         _randomize(q)
         out = model(x)
     # base part from the quantized layer's own output y: y' = b + g ⊙ (y - b + s x Aᵀ Bᵀ)
-    b, A, B, m = q.bias.detach(), q.lora_A, q.lora_B, q.lora_m
+    b, A, B, m = q.bias.detach(), ad(q).lora_A, ad(q).lora_B, ad(q).lora_m
     g = m / torch.linalg.norm(W + 2.0 * B @ A, dim=1)
     _close(out, b + g * (y0 - b + 2.0 * (x @ A.T) @ B.T))
     out.sum().backward()
-    assert q.lora_A.grad.abs().sum() > 0 and q.lora_m.grad.abs().sum() > 0
+    assert ad(q).lora_A.grad.abs().sum() > 0 and ad(q).lora_m.grad.abs().sum() > 0
 
 
 # ====================================================================== DeLoRA
@@ -204,15 +204,15 @@ def test_delora_matches_formula() -> None:
     lin = _linear()
     W, b = lin.weight.detach().clone(), lin.bias.detach().clone()
     model = _attach(lin, "delora", variant_kwargs={"delora_lambda": 3.0})
-    assert lin.lora_lambda.shape == () and lin.lora_lambda.item() == 3.0
-    _close(lin.lora_wnorm, torch.linalg.norm(W, dim=0), rtol=1e-6)
-    assert not lin.lora_wnorm.requires_grad and "lora_wnorm" in dict(lin.named_buffers())
+    assert ad(lin).lora_lambda.shape == () and ad(lin).lora_lambda.item() == 3.0
+    _close(ad(lin).lora_wnorm, torch.linalg.norm(W, dim=0), rtol=1e-6)
+    assert not ad(lin).lora_wnorm.requires_grad and "lora_lite.default.lora_wnorm" in dict(lin.named_buffers())
     _randomize(lin)
     x = _x()
     out = model(x)
-    ref = _delora_formula(x, W, b, lin.lora_A, lin.lora_B, lin.lora_lambda, lin.lora_wnorm, R)
+    ref = _delora_formula(x, W, b, ad(lin).lora_A, ad(lin).lora_B, ad(lin).lora_lambda, ad(lin).lora_wnorm, R)
     _close(out, ref)
-    params = (lin.lora_A, lin.lora_B, lin.lora_lambda)
+    params = (ad(lin).lora_A, ad(lin).lora_B, ad(lin).lora_lambda)
     for g, r in zip(torch.autograd.grad((out**2).sum(), params), torch.autograd.grad((ref**2).sum(), params)):
         _close(g, r)  # norms are not detached: A and B also get gradient through ‖A_i‖, ‖B_i‖
 
@@ -268,7 +268,7 @@ def test_delora_gpt2_conv1d_and_4bit() -> None:
     torch.manual_seed(0)
     conv = Conv1D(D_OUT, D_IN)
     _attach(conv, "delora")
-    _close(conv.lora_wnorm, torch.linalg.norm(conv.weight.t(), dim=0), rtol=1e-6)
+    _close(ad(conv).lora_wnorm, torch.linalg.norm(conv.weight.t(), dim=0), rtol=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = _bnb_4bit(_linear())
@@ -276,7 +276,7 @@ def test_delora_gpt2_conv1d_and_4bit() -> None:
         y0 = q(x)
         model = _attach(q, "delora")
         assert torch.equal(model(x), y0)
-    _close(q.lora_wnorm, torch.linalg.norm(ll.target.dense_weight(q), dim=0), rtol=1e-6)
+    _close(ad(q).lora_wnorm, torch.linalg.norm(ll.target.dense_weight(q), dim=0), rtol=1e-6)
 
 
 # ====================================================================== HRA
@@ -295,7 +295,7 @@ def test_hra_matches_dense_formula_and_is_orthogonal() -> None:
     W, b = lin.weight.detach().clone(), lin.bias.detach().clone()
     model = _attach(lin, "hra", r=6)
     _randomize(lin)
-    U = lin.lora_U
+    U = ad(lin).lora_U
     x = _x()
     Q = _reflections(U)
     out = model(x)
@@ -317,7 +317,7 @@ def test_hra_apply_gs_matches_projector_formula() -> None:
     W, b = lin.weight.detach().clone(), lin.bias.detach().clone()
     model = _attach(lin, "hra", variant_kwargs={"apply_GS": True})
     _randomize(lin)
-    U = lin.lora_U
+    U = ad(lin).lora_U
     x = _x()
     Qr, _ = torch.linalg.qr(U.T)  # orthonormal basis of span(u_i), independent of Gram-Schmidt's loop
     H = torch.eye(D_IN) - 2 * Qr @ Qr.T
@@ -330,7 +330,7 @@ def test_hra_apply_gs_matches_projector_formula() -> None:
     # GS off on the same U gives the product of reflections instead, a different map
     model = _attach(lin, "hra")
     with torch.no_grad():
-        lin.lora_U.copy_(U)
+        ad(lin).lora_U.copy_(U)
         assert (model(x) - out).abs().max() > 1e-3
 
 
@@ -339,7 +339,7 @@ def test_hra_symmetric_init_and_identity() -> None:
     x = _x()
     y0 = lin(x)
     model = _attach(lin, "hra", r=8)
-    U = lin.lora_U
+    U = ad(lin).lora_U
     assert torch.equal(U[0::2], U[1::2])  # adjacent pairs
     assert U.abs().max() <= 1 / math.sqrt(8 / 2)  # kaiming bound of a (d_in, r/2) tensor: fan_in = r/2
     assert torch.linalg.matrix_rank(U[0::2]) == 4
@@ -368,16 +368,16 @@ def test_hra_quantized_base_and_conv1d() -> None:
         x = _x()
         out = model(x)
         with torch.no_grad():
-            ref = q.forward(x @ _reflections(q.lora_U).T)  # .forward bypasses the hook
+            ref = q.forward(x @ _reflections(ad(q).lora_U).T)  # .forward bypasses the hook
     _close(out, ref)
     out.sum().backward()
-    assert q.lora_U.grad.abs().sum() > 0
+    assert ad(q).lora_U.grad.abs().sum() > 0
     torch.manual_seed(0)
     conv = Conv1D(D_OUT, D_IN)
     model = _attach(conv, "hra")
     _randomize(conv)
     with torch.no_grad():
-        _close(model(x), x @ _reflections(conv.lora_U).T @ conv.weight + conv.bias)
+        _close(model(x), x @ _reflections(ad(conv).lora_U).T @ conv.weight + conv.bias)
 
 
 # ====================================================================== parity with peft 0.21.2
@@ -428,16 +428,16 @@ def test_parity_with_peft(variant, ours_kw, peft_kw) -> None:
     layer = ours.lin
     # init-time tensors computed from W agree before any copy
     if variant == "dora":
-        _close(layer.lora_m, player.lora_magnitude_vector["default"].weight, rtol=1e-6)
+        _close(ad(layer).lora_m, ad(player).lora_magnitude_vector["default"].weight, rtol=1e-6)
     if variant == "delora":
-        _close(layer.lora_wnorm, player.delora_w_norm["default"], rtol=1e-6)
+        _close(ad(layer).lora_wnorm, player.delora_w_norm["default"], rtol=1e-6)
     # random non-init values in peft, copied into ours
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for pname, (oname, f) in MAPS[variant].items():
             p = player.get_parameter(pname)
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
-            getattr(layer, oname).copy_(f(p))
+            getattr(ad(layer), oname).copy_(f(p))
     pparams = {oname: player.get_parameter(pname) for pname, (oname, _) in MAPS[variant].items()}
     x = _x(7)
     target = torch.sin(torch.arange(D_OUT, dtype=torch.float32))
@@ -450,16 +450,16 @@ def test_parity_with_peft(variant, ours_kw, peft_kw) -> None:
     lp.backward()
     lo.backward()
     for oname, f in MAPS[variant].values():
-        _close(getattr(layer, oname).grad, f(pparams[oname].grad))
+        _close(getattr(ad(layer), oname).grad, f(pparams[oname].grad))
     opt_p = torch.optim.AdamW(list(pparams.values()), lr=1e-2)
-    opt_o = torch.optim.AdamW([getattr(layer, o) for o in pparams], lr=1e-2)
+    opt_o = torch.optim.AdamW([getattr(ad(layer), o) for o in pparams], lr=1e-2)
     for _ in range(10):
         for opt, m in ((opt_p, pm), (opt_o, ours)):
             opt.zero_grad()
             loss(m).backward()
             opt.step()
     for oname, f in MAPS[variant].values():
-        _close(getattr(layer, oname), f(pparams[oname]).detach())
+        _close(getattr(ad(layer), oname), f(pparams[oname]).detach())
     _close(ours(x), pm(x))
 
 
@@ -476,7 +476,7 @@ def test_dropout_parity_with_peft(variant) -> None:
         for pname, (oname, f) in MAPS[variant].items():
             p = player.get_parameter(pname)
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
-            getattr(ours.lin, oname).copy_(f(p))
+            getattr(ad(ours.lin), oname).copy_(f(p))
     pm.train()
     ours.train()
     x = _x(7)
@@ -492,7 +492,7 @@ def test_hra_apply_gs_uses_random_init_and_stays_finite() -> None:
     lin = torch.nn.Linear(8, 3)
     model = _attach(lin, "hra", variant_kwargs={"apply_GS": True})
     assert torch.isfinite(model(torch.randn(5, 8))).all()
-    U = lin.lora_U
+    U = ad(lin).lora_U
     assert not torch.equal(U[0], U[1]) and not torch.equal(U[2], U[3])  # not the symmetric pairs
     bound = 1 / math.sqrt(U.shape[0])  # kaiming-uniform(a=√5) on the (d_in, r) layout: fan_in = r
     assert U.abs().max() <= bound

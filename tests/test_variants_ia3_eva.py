@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from _models import Toy, llama_batch, lm_loss, tiny_llama
+from _models import Toy, ad, llama_batch, lm_loss, tiny_llama
 
 import lora_lite as ll
 from lora_lite.variants.ia3 import IA3, IA3FF
@@ -31,18 +31,20 @@ def test_ia3_one_adapter_gates_kv_outputs_and_down_proj_input(kw) -> None:
     assert len(layers) == 6
     for name, layer in layers.items():
         if name.endswith("down_proj"):
-            assert layer._lora_lite.variant is IA3FF and layer.lora_g.shape == (64,)  # d_in of down_proj
-            assert layer._forward_pre_hooks and not layer._forward_hooks
+            assert ad(layer)._lora_lite.variant is IA3FF and ad(layer).lora_g.shape == (64,)  # d_in of down_proj
+            assert layer.base_layer._forward_pre_hooks and not layer.base_layer._forward_hooks
         else:
-            assert layer._lora_lite.variant is IA3 and layer.lora_g.shape == (16,)  # d_out of k/v (2 kv heads x 8)
-            assert layer._forward_hooks and not layer._forward_pre_hooks
+            assert ad(layer)._lora_lite.variant is IA3 and ad(layer).lora_g.shape == (
+                16,
+            )  # d_out of k/v (2 kv heads x 8)
+            assert layer.base_layer._forward_hooks and not layer.base_layer._forward_pre_hooks
     _randomize(model)
     # each hooked layer against its formula, written out by hand
     x64 = torch.randn(3, 5, 64)
     x32 = torch.randn(3, 5, 32)
     with torch.no_grad():
         for name, layer in layers.items():
-            g = layer.lora_g
+            g = ad(layer).lora_g
             if name.endswith("down_proj"):
                 torch.testing.assert_close(layer(x64), (x64 * g) @ layer.weight.T, rtol=1e-5, atol=1e-6)
             else:
@@ -52,7 +54,7 @@ def test_ia3_one_adapter_gates_kv_outputs_and_down_proj_input(kw) -> None:
     with torch.no_grad():
         for name, layer in layers.items():
             w = ref.get_submodule(name).weight
-            w.mul_(layer.lora_g[None, :] if name.endswith("down_proj") else layer.lora_g[:, None])
+            w.mul_(ad(layer).lora_g[None, :] if name.endswith("down_proj") else ad(layer).lora_g[:, None])
         ids = llama_batch()
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
 
@@ -65,7 +67,7 @@ def test_ia3_scales_the_bias_and_ia3_ff_does_not() -> None:
         _randomize(model)
         layer = model.layers[0].up if variant == "ia3" else model.layers[0].down
         xin = x if variant == "ia3" else torch.randn(4, 40)
-        W, b, g = layer.weight, layer.bias, layer.lora_g
+        W, b, g = layer.weight, layer.bias, ad(layer).lora_g
         want = (xin @ W.T + b) * g if variant == "ia3" else (xin * g) @ W.T + b
         with torch.no_grad():
             torch.testing.assert_close(layer(xin), want, rtol=1e-5, atol=1e-6)
@@ -82,8 +84,8 @@ def test_ia3_mixed_save_load_rederives_route(tmp_path) -> None:
     fresh = tiny_llama()
     ll.load(fresh, path)
     for name, layer in ll.targets(fresh).items():
-        assert layer._lora_lite.variant is ll.targets(model)[name]._lora_lite.variant
-        assert torch.equal(layer.lora_g, ll.targets(model)[name].lora_g)
+        assert ad(layer)._lora_lite.variant is ll.targets(model)[name]._lora_lite.variant
+        assert torch.equal(ad(layer).lora_g, ll.targets(model)[name].lora_g)
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, y)
 
@@ -102,8 +104,8 @@ def test_ia3_matches_peft_mixed() -> None:
     with torch.no_grad():
         for name, layer in ll.targets(model).items():
             peft_l = pm.base_model.model.get_submodule(name).ia3_l["default"]
-            assert peft_l.numel() == layer.lora_g.numel()
-            peft_l.copy_(layer.lora_g.reshape(peft_l.shape))
+            assert peft_l.numel() == ad(layer).lora_g.numel()
+            peft_l.copy_(ad(layer).lora_g.reshape(peft_l.shape))
         ids = llama_batch()
         torch.testing.assert_close(model(ids).logits, pm(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
@@ -198,11 +200,11 @@ def test_eva_A_is_top_r_principal_directions_of_the_inputs() -> None:
         V, _ = _pca(X[name], r)
         # fp32 layer inputs, fp64 statistics: the top-4 directions agree to ~1e-6 (eigen-gaps of these inputs
         # are > 1e-2 relative); 1e-5 leaves room for the fp32 forward.
-        _assert_rows_match(layer.lora_A.detach(), V, tol=1e-5)
+        _assert_rows_match(ad(layer).lora_A.detach(), V, tol=1e-5)
         # peft's IncrementalPCA fed all rows at once is an exact (full-SVD) PCA: same vectors, same signs
         ipca = IncrementalPCA(n_components=r).partial_fit(X[name].float())
-        torch.testing.assert_close(layer.lora_A.detach(), ipca.components_.float(), rtol=0, atol=1e-4)
-        assert torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))
+        torch.testing.assert_close(ad(layer).lora_A.detach(), ipca.components_.float(), rtol=0, atol=1e-4)
+        assert torch.equal(ad(layer).lora_B, torch.zeros_like(ad(layer).lora_B))
 
 
 def test_eva_matches_peft_get_eva_state_dict_when_the_spectrum_has_a_gap() -> None:
@@ -235,7 +237,7 @@ def test_eva_matches_peft_get_eva_state_dict_when_the_spectrum_has_a_gap() -> No
     model = Toy()
     ll.attach(model, ll.LoraLiteConfig(variant="eva", r=4, target_names=tuple(names)), calibration_data=xs)
     for name, layer in ll.targets(model).items():
-        A, P = layer.lora_A.detach().double(), peft_sd[name].double()
+        A, P = ad(layer).lora_A.detach().double(), peft_sd[name].double()
         assert (torch.linalg.svdvals(A @ P.T) > 0.999).all()  # both have orthonormal rows
         assert ((A * P).sum(1) > 0.99).all()  # same order, same sign convention (svd_flip on V)
 
@@ -249,7 +251,7 @@ def test_eva_whiten_divides_by_sqrt_singular_values_as_peft() -> None:
     for name, layer in ll.targets(model).items():
         V, S = _pca(X[name], r)
         want = V / S.sqrt()[:, None]
-        A = layer.lora_A.detach().double()
+        A = ad(layer).lora_A.detach().double()
         sign = torch.sign((A * want).sum(1, keepdim=True))
         torch.testing.assert_close(A, sign * want, rtol=1e-5, atol=1e-6)
 
@@ -271,7 +273,7 @@ def test_eva_padding_is_excluded() -> None:
     for batches in (clean, padded):
         model = tiny_llama()
         ll.attach(model, _eva(show_progress_bar=False), calibration_data=batches)
-        As.append({n: layer.lora_A.detach().clone() for n, layer in ll.targets(model).items()})
+        As.append({n: ad(layer).lora_A.detach().clone() for n, layer in ll.targets(model).items()})
     for n in As[0]:
         torch.testing.assert_close(As[1][n], As[0][n], rtol=0, atol=1e-5)
     # and masking matters: the same batches without their masks give a different A
@@ -292,7 +294,7 @@ def test_eva_label_mask_as_peft() -> None:
     for batches in (masked, labelled):
         model = tiny_llama()
         ll.attach(model, _eva(show_progress_bar=False), calibration_data=batches)
-        As.append({n: layer.lora_A.detach().clone() for n, layer in ll.targets(model).items()})
+        As.append({n: ad(layer).lora_A.detach().clone() for n, layer in ll.targets(model).items()})
     for n in As[0]:  # causal model: masking the tail by labels or by attention gives the same rows
         torch.testing.assert_close(As[1][n], As[0][n], rtol=0, atol=1e-5)
 
@@ -306,7 +308,7 @@ def test_eva_accepts_a_dataloader_and_plain_tensors() -> None:
     for data in (batches, DataLoader(samples, batch_size=2)):
         model = tiny_llama()
         ll.attach(model, _eva(show_progress_bar=False), calibration_data=data)
-        As.append({n: layer.lora_A.detach().clone() for n, layer in ll.targets(model).items()})
+        As.append({n: ad(layer).lora_A.detach().clone() for n, layer in ll.targets(model).items()})
     for n in As[0]:
         assert torch.equal(As[1][n], As[0][n])
     toy = Toy()
@@ -320,7 +322,7 @@ def test_eva_accepts_a_dataloader_and_plain_tensors() -> None:
             ref(x)
     h.remove()
     V, _ = _pca(torch.cat(inputs).double(), 3)
-    _assert_rows_match(toy.layers[0].q.lora_A.detach(), V, tol=1e-5)
+    _assert_rows_match(ad(toy.layers[0].q).lora_A.detach(), V, tol=1e-5)
 
 
 def test_eva_A_is_a_trainable_parameter_with_gradient_by_step_2() -> None:
@@ -337,7 +339,7 @@ def test_eva_A_is_a_trainable_parameter_with_gradient_by_step_2() -> None:
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
         opt.step()
     for name in ll.targets(model):
-        key = f"{name}.lora_A"
+        key = f"{name}.lora_lite.default.lora_A"
         assert key in params and key not in buffers and params[key].requires_grad
         assert grads[0][key].abs().sum() == 0  # B = 0 at step 1
         assert grads[1][key].abs().sum() > 0
@@ -350,8 +352,8 @@ def test_eva_load_needs_no_data(tmp_path) -> None:
     fresh = tiny_llama()
     ll.load(fresh, path)
     for name, layer in ll.targets(fresh).items():
-        assert torch.equal(layer.lora_A, ll.targets(model)[name].lora_A)
-        assert layer.lora_A.requires_grad
+        assert torch.equal(ad(layer).lora_A, ll.targets(model)[name].lora_A)
+        assert ad(layer).lora_A.requires_grad
 
 
 def _clean(model) -> bool:
@@ -395,4 +397,4 @@ def test_eva_progress_bar_is_optional(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
     model = tiny_llama()
     ll.attach(model, _eva(), calibration_data=_calib())  # show_progress_bar defaults to True
-    assert all(layer.lora_A.abs().sum() > 0 for layer in ll.targets(model).values())
+    assert all(ad(layer).lora_A.abs().sum() > 0 for layer in ll.targets(model).values())

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from _models import Toy
+from _models import Toy, ad
 from torch import nn
 
 import lora_lite as ll
@@ -58,16 +58,16 @@ def test_pissa_init_is_the_hand_written_formula_for_any_alpha(alpha, rslora) -> 
     Sr = S[:4] / s
     B = U[:, :4] @ torch.diag(Sr.sqrt())
     A = torch.diag(Sr.sqrt()) @ Vh[:4]
-    torch.testing.assert_close(layer.lora_B, B, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(layer.lora_A, A, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ad(layer).lora_B, B, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ad(layer).lora_A, A, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(layer.weight, W - s * B @ A, rtol=1e-6, atol=1e-6)
     # the point of dividing S by s: s·B A is the top-r principal part of W whatever alpha is
     principal = U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]
-    torch.testing.assert_close(s * layer.lora_B @ layer.lora_A, principal, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s * ad(layer).lora_B @ ad(layer).lora_A, principal, rtol=1e-5, atol=1e-6)
     # forward after training-like perturbation = LoRA's equation on top of W_res, written out
     _perturb(model)
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
-    want = x @ layer.weight.T + layer.bias + s * (x @ layer.lora_A.T) @ layer.lora_B.T
+    want = x @ layer.weight.T + layer.bias + s * (x @ ad(layer).lora_A.T) @ ad(layer).lora_B.T
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
 
 
@@ -87,16 +87,16 @@ def test_pissa_matches_peft_bit_for_bit_with_alpha_not_r(rslora) -> None:
     for i in range(2):
         for n in ("q", "up", "down"):
             p, o = getattr(pm.base_model.model.layers[i], n), getattr(ours.layers[i], n)
-            assert torch.equal(o.lora_A, p.lora_A["default"].weight), f"layers.{i}.{n}.lora_A"
-            assert torch.equal(o.lora_B, p.lora_B["default"].weight), f"layers.{i}.{n}.lora_B"
+            assert torch.equal(ad(o).lora_A, ad(p).lora_A["default"].weight), f"layers.{i}.{n}.lora_A"
+            assert torch.equal(ad(o).lora_B, ad(p).lora_B["default"].weight), f"layers.{i}.{n}.lora_B"
             assert torch.equal(o.weight, p.base_layer.weight), f"layers.{i}.{n} W_res"
     _perturb(ours)
     with torch.no_grad():  # same trained values into peft: same outputs
         for i in range(2):
             for n in ("q", "up", "down"):
                 p, o = getattr(pm.base_model.model.layers[i], n), getattr(ours.layers[i], n)
-                p.lora_A["default"].weight.copy_(o.lora_A)
-                p.lora_B["default"].weight.copy_(o.lora_B)
+                ad(p).lora_A["default"].weight.copy_(ad(o).lora_A)
+                ad(p).lora_B["default"].weight.copy_(ad(o).lora_B)
         torch.testing.assert_close(ours(_x()), pm(_x()), rtol=1e-5, atol=1e-6)
 
 
@@ -123,8 +123,8 @@ def test_pissa_svd_niter_is_peft_pissa_niter_given_the_same_draw(monkeypatch) ->
     )
     for n in ("q", "up", "down"):
         p, o = getattr(pm.base_model.model.layers[1], n), getattr(ours.layers[1], n)
-        assert torch.equal(o.lora_A, p.lora_A["default"].weight)
-        assert torch.equal(o.lora_B, p.lora_B["default"].weight)
+        assert torch.equal(ad(o).lora_A, ad(p).lora_A["default"].weight)
+        assert torch.equal(ad(o).lora_B, ad(p).lora_B["default"].weight)
         assert torch.equal(o.weight, p.base_layer.weight)
 
 
@@ -239,9 +239,9 @@ def test_gpt2_conv1d_identity_effective_weight_and_detach(name) -> None:
         assert (model(x) - y0).abs().max() <= 1e-5 * y0.abs().max()
         layer = model[0]
         if name == "pissa":
-            principal = 2.0 * layer.lora_B @ layer.lora_A
+            principal = 2.0 * ad(layer).lora_B @ ad(layer).lora_A
         else:
-            principal = (layer.lora_U * layer.lora_S) @ layer.lora_Vh
+            principal = (ad(layer).lora_U * ad(layer).lora_S) @ ad(layer).lora_Vh
         torch.testing.assert_close(dense_weight(layer) + principal, W0, rtol=0, atol=1e-6)
     ll.detach(model)
     _assert_restored(model, sd0)
@@ -347,9 +347,9 @@ def test_cayley_of_minus_A_is_the_inverse_and_zero_is_exactly_identity() -> None
 
 
 def _antipasto_effective_weight(layer, W_res: torch.Tensor, bs: int, max_angle, c: float = 1.0) -> torch.Tensor:
-    R = _cayley_blocks_dense(layer.lora_rot_T.detach(), bs, max_angle, c)
-    U, S, Vh = layer.lora_U.double(), layer.lora_S.double(), layer.lora_Vh.double()
-    dS = layer.lora_delta_s.detach().double()
+    R = _cayley_blocks_dense(ad(layer).lora_rot_T.detach(), bs, max_angle, c)
+    U, S, Vh = ad(layer).lora_U.double(), ad(layer).lora_S.double(), ad(layer).lora_Vh.double()
+    dS = ad(layer).lora_delta_s.detach().double()
     return W_res.double() + U @ torch.diag(S + c * dS) @ R @ Vh
 
 
@@ -362,20 +362,20 @@ def test_antipasto_matches_dense_re_implementation_after_perturbation(bs, max_an
     layer = model.layers[0].up
     # buffers are the top-r SVD and W_res the residual, written out
     U, S, Vh = torch.linalg.svd(W["layers.0.up"], full_matrices=False)
-    torch.testing.assert_close(layer.lora_S, S[:8], rtol=1e-6, atol=0)
+    torch.testing.assert_close(ad(layer).lora_S, S[:8], rtol=1e-6, atol=0)
     torch.testing.assert_close(
         layer.weight, W["layers.0.up"] - U[:, :8] @ torch.diag(S[:8]) @ Vh[:8], rtol=0, atol=1e-6
     )
-    assert layer.lora_rot_T.shape == (8 // bs, bs * (bs - 1) // 2)
+    assert ad(layer).lora_rot_T.shape == (8 // bs, bs * (bs - 1) // 2)
     _perturb(model, scale=0.5)
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
     for c in (1.0, -1.0, 0.5):
-        layer._lora_lite.coef = c  # steering coefficient: c=-1 is the inverse rotation and -delta_s
+        ad(layer)._lora_lite.coef = c  # steering coefficient: c=-1 is the inverse rotation and -delta_s
         W_eff = _antipasto_effective_weight(layer, layer.weight.detach(), bs, max_angle, c)
         want = x.double() @ W_eff.T + layer.bias.double()
         torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
     # c = 0 is the base model (to rounding)
-    layer._lora_lite.coef = 0.0
+    ad(layer)._lora_lite.coef = 0.0
     torch.testing.assert_close(layer(x), x @ W["layers.0.up"].T + layer.bias, rtol=1e-5, atol=1e-5)
 
 
@@ -389,7 +389,7 @@ def test_antipasto_identity_exact_branch_and_live_gradients_at_zero() -> None:
     # at init the adapter branch is exactly (x Vhᵀ ⊙ S) Uᵀ: R = I and S + δs = S with no rounding
     with torch.no_grad():
         base = torch.nn.functional.linear(x, layer.weight, layer.bias)
-        branch = ((x @ layer.lora_Vh.T) * layer.lora_S) @ layer.lora_U.T
+        branch = ((x @ ad(layer).lora_Vh.T) * ad(layer).lora_S) @ ad(layer).lora_U.T
         assert torch.equal(layer(x), base + branch)
         # whole model: fp32 rounding of the split only (bound justified in test_variants_common CASES)
         assert (model(x) - y0).abs().max() <= 1e-5 * y0.abs().max()
@@ -413,9 +413,10 @@ def test_antipasto_fp64_passes_gradcheck(max_angle) -> None:
     names = ("lora_rot_T", "lora_delta_s")
 
     def f(rot_T, delta_s):
-        return torch.func.functional_call(layer, {"lora_rot_T": rot_T, "lora_delta_s": delta_s}, (x,))
+        ps = {"lora_lite.default.lora_rot_T": rot_T, "lora_lite.default.lora_delta_s": delta_s}
+        return torch.func.functional_call(layer, ps, (x,))
 
-    params = tuple(getattr(layer, n).detach().clone().requires_grad_() for n in names)
+    params = tuple(getattr(ad(layer), n).detach().clone().requires_grad_() for n in names)
     assert torch.autograd.gradcheck(f, params)
 
 

@@ -1,28 +1,20 @@
 """lora-lite: LoRA-family adapters as forward hooks, one short file per variant."""
 
 from . import variants  # noqa: F401  (registers the built-in variants)
-from .adapter import (
-    AdapterError,
-    LoadError,
-    adapter_state_dict,
-    attach,
-    detach,
-    is_attached,
-    load,
-    read_adapter,
-    save,
-    targets,
-)
-from .config import ConfigError, LoraLiteConfig
+from .config import REGISTRY, ConfigError, LoraLiteConfig
 from .distributed import fsdp_ignored_params
+from .errors import AdapterError, LoadError
+from .interop.peft import export_peft, import_peft
+from .io import load, read_adapter, save
 from .merge import merge, merged_state_dict
-from .peft_io import export_peft, import_peft
+from .named import active, adapter_state_dict, adapters, is_attached, set_active, targets
+from .runtime import attach, detach
 from .steer import disabled, scaled
 from .summary import summary
 from .target import TargetError, find_targets
-from .variant import REGISTRY, ParamSpec, Variant, register
+from .variant import ParamSpec, Variant, register
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "REGISTRY",
@@ -33,7 +25,9 @@ __all__ = [
     "ParamSpec",
     "TargetError",
     "Variant",
+    "active",
     "adapter_state_dict",
+    "adapters",
     "attach",
     "detach",
     "disabled",
@@ -49,6 +43,7 @@ __all__ = [
     "register",
     "save",
     "scaled",
+    "set_active",
     "summary",
     "targets",
 ]

@@ -23,6 +23,18 @@ class ConfigError(ValueError):
     """A `LoraLiteConfig` field has an invalid value."""
 
 
+# name -> variant class. Filled by `variant.register`; it lives here because the config is what names a variant
+# (its validation looks the name up), and the config must not import the contract that imports it.
+REGISTRY: dict[str, type] = {}
+
+
+def get_variant(name: str) -> type:
+    """The registered variant class called `name`; a ConfigError listing the registered names otherwise."""
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown variant {name!r}; registered variants: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
 def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         if name not in _DTYPES.values():
@@ -54,8 +66,6 @@ class LoraLiteConfig:
     variant_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .variant import get_variant  # late import: variants import this module
-
         if not isinstance(self.variant, str):
             raise ConfigError(f"variant must be a registered variant name (str), got {self.variant!r}")
         get_variant(self.variant)  # raises with the registered names
@@ -102,7 +112,7 @@ class LoraLiteConfig:
         except TypeError as e:
             raise ConfigError(f"variant_kwargs must be JSON-serialisable (it is saved with the adapter): {e}") from None
         variant = get_variant(self.variant)
-        accepted = getattr(variant, "kwargs", None)  # None: the variant checks its own (custom variants)
+        accepted = variant.kwargs  # None: the variant checks its own (custom variants)
         unknown = [] if accepted is None else sorted(set(self.variant_kwargs) - set(accepted))
         if unknown:
             raise ConfigError(

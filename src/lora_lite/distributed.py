@@ -24,7 +24,8 @@ from functools import partial
 import torch.distributed as dist
 from torch import nn
 
-from .adapter import AdapterError, is_attached, targets
+from .errors import AdapterError
+from .named import is_attached, model_state
 
 _GROUP = "_lora_lite_grad_group"  # set on a parameter once it has the averaging hook: the group it averages over
 
@@ -36,7 +37,7 @@ def _average_grad(p: nn.Parameter, group: dist.ProcessGroup | None) -> None:
 
 
 def fsdp_ignored_params(model: nn.Module, group: dist.ProcessGroup | None = None) -> set[nn.Parameter]:
-    """The adapter's 0-dim parameters, for `fully_shard(..., ignored_params=...)`.
+    """Every adapter's 0-dim parameters, for `fully_shard(..., ignored_params=...)`.
 
     Trainable ones average their gradient over `group` (default: the default process group) after each
     backward. Call after `attach`/`load` and `init_process_group`, before `fully_shard`, on every rank.
@@ -51,10 +52,11 @@ def fsdp_ignored_params(model: nn.Module, group: dist.ProcessGroup | None = None
             "(the gradients of the returned parameters are averaged over it)"
         )
     found = {
-        f"{layer_name}.{name}": p
-        for layer_name, layer in targets(model).items()
-        for name, p in layer.named_parameters(recurse=False)
-        if name.startswith("lora_") and p.dim() == 0
+        f"adapter {adapter!r}: {layer_name}.{name}": p
+        for adapter, info in model_state(model).adapters.items()
+        for layer_name, a in info.layers.items()
+        for name, p in a.named_parameters(recurse=False)
+        if p.dim() == 0
     }
     hook = {k: p for k, p in found.items() if p.requires_grad and not hasattr(p, _GROUP)}
     for k, p in found.items():  # check everything before changing anything

@@ -29,8 +29,10 @@ The recompute uses one fused multiply-add per rank-1 term when the factors are f
 the same bits as a separate multiply and add); the bitmap and the compaction of the codes use numpy
 (`flatnonzero`, `packbits`), which does this 3x faster than torch's boolean indexing on the CPU.
 
-`ll.disabled` / `ll.scaled` need the dense original while they run: `adapter.original_weight` rebuilds it
-on first use and keeps it in the layer's cache (so only models that use them pay for the dense copy).
+`ll.disabled` / `ll.scaled` need the dense original while they run: `original_weight` below rebuilds it
+on first use and keeps it in the adapter's cache (so only models that use them pay for the dense copy).
+The runtime helpers at the end of this file (keep, rebuild, check, swap, drop) are everything else
+attach, detach, ll.disabled and ll.set_active do for a rewriting variant.
 
 Restoring from a residual in another dtype (`model.double()` after attach): a widening cast is undone
 exactly, so the restore is exact too; after a narrowing one (`model.half()`) W_res has lost bits and the
@@ -39,13 +41,17 @@ result is W̃ from the rounded residual, the original to that cast's rounding.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .target import all_finite
+from .errors import AdapterError
+from .guards import require_original
+from .state import for_cache
+from .target import all_finite, fingerprint, is_conv1d, tensor_hash
 
 _INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 _WIDENS = {  # dtype -> the dtypes that hold every one of its values exactly
@@ -184,3 +190,119 @@ def _thin(F: torch.Tensor) -> torch.Tensor:
 def _ints(t: torch.Tensor) -> torch.Tensor:
     """The flat integer view of a float tensor's bits (no copy when contiguous)."""
     return t.contiguous().view(_INT[t.dtype]).reshape(-1)
+
+
+# ---------------------------------------------------------------- the runtime's side (one adapter `a` on a layer)
+
+
+def keep(a: torch.nn.Module) -> None:
+    """Before the variant's init: a private dense copy of the weight, and its fingerprint (for load)."""
+    st = a._lora_lite
+    st.original = Original.dense_copy(a.weight.data)  # until init succeeded
+    st.fingerprint = fingerprint(a)
+    st.original_weight = functools.partial(original_weight, a)
+
+
+def compact(a: torch.nn.Module) -> None:
+    """After the variant's init: the compact form from its `residual_factors` (W − W_res = L R), if it has them."""
+    st = a._lora_lite
+    if st.variant.residual_factors is not None:
+        L, R = st.variant.residual_factors(a)
+        if is_conv1d(a):  # the weight is stored (d_in, d_out): factors of the transpose
+            L, R = R.T, L.T
+        st.original = Original.compact(st.original.dense, a.weight.data, L, R, finite=st.original.finite)
+    if st.original.dense is None:  # rebuilt from W_res: note which W_res (check_residual)
+        st.residual_hash = tensor_hash(a.weight)
+
+
+def drop(a: torch.nn.Module) -> None:
+    """keep_original=False: free what restores the rewritten weight; detach and ll.disabled can no longer."""
+    st = a._lora_lite
+    if st.original is not None:
+        st.original, st.residual_hash, st.original_dropped = None, None, True
+        st.cache.pop("original", None)
+
+
+def original_weight(a: torch.nn.Module, cache: bool = True, what: str = "original_weight") -> torch.Tensor:
+    """The weight the variant replaced, in the current weight's dtype and device.
+
+    Rebuilt bit for bit from the compact form on first use, then kept in the adapter's cache, so that repeated
+    `ll.disabled` / `ll.scaled` blocks (a DPO reference model every step) cost nothing after the first: the
+    memory of a dense copy, paid only by models that use them. detach frees it. cache=False (one-off readers
+    such as export_peft): rebuilt if not cached, and not kept.
+    """
+    st = a._lora_lite
+    require_original(st, what)
+    w_res = residual(a)
+    W0 = cached(st, w_res)
+    if W0 is None:  # first use, or model.to() since
+        check_residual(a)
+        if not cache:
+            return st.original.weight(w_res)
+        with for_cache():
+            W0 = st.cache["original"] = st.original.weight(w_res)
+    return W0
+
+
+def residual(a: torch.nn.Module) -> torch.Tensor:
+    """W_res: the layer's weight, or the one set aside while the original is swapped in (`use_original`)."""
+    return a._lora_lite.cache.get("w_res", a.weight.data)
+
+
+def cached(st, w_res: torch.Tensor) -> torch.Tensor | None:
+    W0 = st.cache.get("original")
+    return W0 if W0 is not None and W0.dtype == w_res.dtype and W0.device == w_res.device else None
+
+
+def check_residual(a: torch.nn.Module) -> None:
+    """Raise if W_res is not the one attach wrote (the compact original is rebuilt from it).
+
+    Not checkable after a narrowing cast of the model (`model.half()`), which rounds W_res: then the
+    original is rebuilt to that cast's rounding (see the top of this file).
+    """
+    st = a._lora_lite
+    if st.residual_hash is None:
+        return
+    w = residual(a)
+    if w.is_meta or w.dtype not in _WIDENS[st.original.dtype]:
+        return
+    if tensor_hash(w.to(st.original.dtype)) != st.residual_hash:
+        raise AdapterError(
+            f"{st.name}: layer.weight is no longer the residual W_res that {st.variant.name!r} wrote at attach "
+            "(it was written since, e.g. by load_state_dict of a full checkpoint), so the original base weight "
+            "cannot be rebuilt from it; nothing was changed. To get the base model back, reload it; to keep the "
+            "adapted model as plain weights, use ll.merge(model)."
+        )
+
+
+def check_restorable(a: torch.nn.Module, what: str) -> None:
+    """Every check `restore` would otherwise fail half way through, before anything changes."""
+    st = a._lora_lite
+    require_original(st, what)
+    if st.original is not None and "w_res" not in st.cache and cached(st, a.weight.data) is None:
+        check_residual(a)
+
+
+def restore(a: torch.nn.Module) -> None:
+    """detach: put the original weight back (in today's dtype/device: model.to since attach)."""
+    st = a._lora_lite
+    if st.original is not None and "w_res" not in st.cache:  # (swapped in, it already is the original)
+        a._base.weight.data = original_weight(a)
+
+
+def use_original(a: torch.nn.Module) -> bool:
+    """ll.disabled / an inactive adapter: swap the original weight in; False if it already is."""
+    st = a._lora_lite
+    if st.original is None or "w_res" in st.cache:
+        return False
+    W0 = original_weight(a)
+    st.cache["w_res"] = a.weight.data
+    a._base.weight.data = W0
+    return True
+
+
+def use_residual(a: torch.nn.Module) -> None:
+    """Undo `use_original`."""
+    w_res = a._lora_lite.cache.pop("w_res", None)
+    if w_res is not None:
+        a._base.weight.data = w_res

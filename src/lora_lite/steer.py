@@ -1,18 +1,17 @@
-"""`disabled` and `scaled`: switch the attached adapter off, or steer it with a coefficient, inside a `with` block.
+"""`disabled` and `scaled`: switch every adapter off, or steer adapters with coefficients, inside a `with` block.
 
-    with ll.disabled(model):      # exactly the base model (e.g. the DPO reference model, no second copy)
+    with ll.disabled(model):             # exactly the base model (e.g. the DPO reference model, no second copy)
         ref_logits = model(ids).logits
-    with ll.scaled(model, 0.5):   # c = 0: base model, c = 1: the trained adapter, c = -1: "the opposite"
-        ...
+    with ll.scaled(model, 0.5):          # every active adapter: c = 0 off, c = 1 as trained, c = -1 "the opposite"
+    with ll.scaled(model, {"a": 1.0, "b": -0.5}):   # one coefficient per adapter (the others keep theirs)
 
-Both set fields of each layer's runtime state (`layer._lora_lite.enabled`, `.coef`) that the hooks
-read, and restore them on exit, also when the body raises. For pissa and antipasto, which replaced
-`layer.weight` by a residual, `disabled` also swaps the original weight (rebuilt from what the
-runtime keeps for `detach`, original.py) in for the block, so the output is bit for bit the base
-model's. What c means is up to each variant (`Variant.scaled_forward`, documented in each variant's
-file): additive variants scale their update, ia3 interpolates its gate, pissa interpolates against the
-original weight, antipasto rotates by c (c = -1 is the exact inverse rotation). c = 1 costs nothing: the
-hooks take the usual path.
+Both set fields of each adapter's per-layer record (`enabled`, `coef`) that the hooks read, and restore
+them on exit, also when the body raises. For pissa and antipasto, which replaced `layer.weight` by a
+residual, `disabled` also swaps the original weight in for the block (original.py), so the output is bit
+for bit the base model's. What c means is up to each variant (`Variant.scaled_forward`, documented in
+each variant's file): additive variants scale their update, ia3 interpolates its gate, pissa
+interpolates against the original weight, antipasto rotates by c (c = -1 is the exact inverse
+rotation). c = 1 costs nothing: the hooks take the usual path.
 """
 
 from __future__ import annotations
@@ -25,40 +24,46 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapter import AdapterError, original_weight, require_original, targets
+from . import guards, original
+from .errors import AdapterError
+from .named import model_state
+from .state import STACK, LayerAdapter
 
 
-def _same_state(layer: nn.Module, st: object) -> bool:
+def _all(model: nn.Module) -> list[LayerAdapter]:
+    return [a for info in model_state(model).adapters.values() for a in info.layers.values()]
+
+
+def _attached(a: LayerAdapter) -> bool:
     """False once the adapter was detached (or replaced) inside the block: then there is nothing to restore."""
-    return getattr(layer, "_lora_lite", None) is st
+    stack = a._base._modules.get(STACK)
+    return stack is not None and stack._modules.get(a._lora_lite.adapter) is a
 
 
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model computes exactly its base output; the adapter is restored on exit."""
-    layers = [(layer, layer._lora_lite) for layer in targets(model).values()]
-    for layer, _ in layers:  # before any change
-        require_original(layer, "ll.disabled (the base model)")
+    """Inside the block the model computes exactly its base output (every adapter off); restored on exit."""
+    layers = _all(model)
+    for a in layers:  # before any change
+        guards.require_original(a._lora_lite, "ll.disabled (the base model)")
     turned_off, swapped = [], []
     try:
-        for layer, st in layers:
-            if not st.enabled:  # nested `disabled`: the outer block owns this layer
+        for a in layers:
+            if not a._lora_lite.enabled:  # nested `disabled`: the outer block owns this layer
                 continue
-            st.enabled = False
-            turned_off.append((layer, st))
-            if st.original is not None:  # pissa / antipasto: put the original weight back for the block
-                W0 = original_weight(layer)  # rebuilt once, then kept (adapter.original_weight); may raise
-                w_res = st.cache["w_res"] = layer.weight.data  # detach inside the block: the weight is original
-                layer.weight.data = W0
-                swapped.append((layer, st, w_res))
+            a._lora_lite.enabled = False
+            turned_off.append(a)
+            if original.use_original(a):  # pissa / antipasto: the original weight for the block (may raise)
+                swapped.append(a)
         yield model
     finally:
-        for layer, st, w_res in swapped:
-            st.cache.pop("w_res", None)
-            if _same_state(layer, st):
-                layer.weight.data = w_res
-        for _, st in turned_off:
-            st.enabled = True
+        for a in swapped:
+            if _attached(a):
+                original.use_residual(a)
+            else:  # detached inside the block: the weight already is the original
+                a._lora_lite.cache.pop("w_res", None)
+        for a in turned_off:
+            a._lora_lite.enabled = True
 
 
 def _coefficient(c: object) -> float:
@@ -77,23 +82,26 @@ def _coefficient(c: object) -> float:
 
 
 @contextmanager
-def scaled(model: nn.Module, c: float) -> Iterator[nn.Module]:
-    """Inside the block every adapter layer runs with steering coefficient `c` (0: base, 1: adapter).
+def scaled(model: nn.Module, c: float | dict[str, float]) -> Iterator[nn.Module]:
+    """Inside the block every active adapter runs with steering coefficient `c` (0: off, 1: as trained), or
+    each adapter named in the dict `c` with its own coefficient.
 
     Blocks nest (the inner c wins until it exits); the previous coefficients are restored on exit.
     """
-    c = _coefficient(c)
-    layers = [(layer, layer._lora_lite) for layer in targets(model).values()]
-    if c != 1.0:  # before any change; eagerly, so a compiled model's first scaled call need not trace it
-        for layer, st in layers:
-            if st.variant.scaled_reads_original:
-                require_original(layer, f"ll.scaled(model, {c}) (which interpolates against the base layer)")
-                original_weight(layer)
-    before = [st.coef for _, st in layers]
+    state = model_state(model)
+    coefs = dict(c) if isinstance(c, dict) else {n: c for n, info in state.adapters.items() if info.active}
+    guards.check_known(list(coefs), list(state.adapters), "ll.scaled")
+    coefs = {n: _coefficient(v) for n, v in coefs.items()}
+    layers = [(a, coefs[n]) for n in coefs for a in state.adapters[n].layers.values()]
+    for a, k in layers:  # before any change; eagerly, so a compiled model's first scaled call need not trace it
+        if k != 1.0 and a._lora_lite.variant.scaled_reads_original:
+            guards.require_original(a._lora_lite, f"ll.scaled(model, {k}) (which interpolates against the base layer)")
+            original.original_weight(a)
+    before = [a._lora_lite.coef for a, _ in layers]
     try:
-        for _, st in layers:
-            st.coef = float(c)
+        for a, k in layers:
+            a._lora_lite.coef = k
         yield model
     finally:
-        for (_, st), coef in zip(layers, before):
-            st.coef = coef
+        for (a, _), coef in zip(layers, before):
+            a._lora_lite.coef = coef

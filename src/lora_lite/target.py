@@ -37,7 +37,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_linear_like(m: nn.Module) -> bool:
-    if getattr(m, "weight", None) is None:
+    if getattr(m, "weight", None) is None or getattr(m, "is_lora_lite_adapter", False):
         return False
     return (hasattr(m, "in_features") and hasattr(m, "out_features")) or (hasattr(m, "nx") and hasattr(m, "nf"))
 
@@ -149,7 +149,7 @@ def weight_sharers(model: nn.Module) -> dict[int, dict[int, str]]:
     """id(weight tensor) -> {id(module): name} of every module holding it as its `weight` (tied weights: several)."""
     owners: dict[int, dict[int, str]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
-        w = getattr(mod, "weight", None)
+        w = None if getattr(mod, "is_lora_lite_adapter", False) else getattr(mod, "weight", None)
         if isinstance(w, torch.Tensor):
             owners.setdefault(id(w), {}).setdefault(id(mod), name)
     return owners

@@ -60,7 +60,7 @@ from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
 from ..target import dense_weight, set_dense_weight
-from ..variant import ParamSpec, Variant, add_lowrank, for_cache, merge_dtype, register, writable
+from ..variant import ParamSpec, Variant, add_lowrank, for_cache, register, writable
 from .pissa import top_r_svd
 
 _KWARGS = ("block_size", "max_angle")
@@ -189,11 +189,13 @@ class AntiPaSTO(Variant):
         return AntiPaSTO.forward(layer, x, y)
 
     @staticmethod
-    def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W_res + U diag(S + δs) (R Vh) at c = 1 ((d_out, d_in), merge_dtype); bias unchanged."""
-        cfg, bs, dt = layer._lora_lite.cfg, block_size(layer._lora_lite.cfg), merge_dtype(layer)
+    def merged_weight(
+        layer: nn.Module, W: torch.Tensor, b: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W_res + U diag(S + δs) (R Vh) at c = 1; bias unchanged."""
+        cfg, bs, dt = layer._lora_lite.cfg, block_size(layer._lora_lite.cfg), W.dtype
         R = rotation_blocks(layer.lora_rot_T, bs, max_angle(cfg)).to(dt)
         Vh = layer.lora_Vh.to(dt)
         Vh_rot = (R @ Vh.view(-1, bs, Vh.shape[1])).view_as(Vh)
         US = layer.lora_U.to(dt) * (layer.lora_S.to(dt) + layer.lora_delta_s.to(dt))
-        return dense_weight(layer, dt) + US @ Vh_rot, None
+        return W + US @ Vh_rot, b

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
 from ..target import dense_weight
-from ..variant import ParamSpec, Variant, add_lowrank, dropout, merge_dtype, register, writable
+from ..variant import ParamSpec, Variant, add_lowrank, dropout, register, writable
 
 
 def _lambda(cfg: LoraLiteConfig) -> float:
@@ -101,9 +101,11 @@ class DeLoRA(Variant):
         return add_lowrank(y, h, B, inplace=writable(layer, y))  # y + h Bᵀ, one fused addmm
 
     @staticmethod
-    def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W + B Ξ A diag(wnorm), Ξ = diag(λ/r / (‖A_i‖‖B_i‖)) ((d_out, d_in), merge_dtype); bias unchanged."""
-        dt = merge_dtype(layer)
+    def merged_weight(
+        layer: nn.Module, W: torch.Tensor, b: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W + B Ξ A diag(wnorm), Ξ = diag(λ/r / (‖A_i‖‖B_i‖)); bias unchanged."""
+        dt = W.dtype
         A, B, r = layer.lora_A.to(dt), layer.lora_B.to(dt), layer._lora_lite.cfg.r
         xi = (layer.lora_lambda.to(dt) / r) / (A.norm(dim=1).clamp(min=1e-4) * B.norm(dim=0).clamp(min=1e-4))
-        return dense_weight(layer, dt) + ((B * xi) @ A) * layer.lora_wnorm.to(dt), None
+        return W + ((B * xi) @ A) * layer.lora_wnorm.to(dt), b

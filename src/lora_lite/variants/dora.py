@@ -63,6 +63,7 @@ c = 0, which is not the base model.)
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,8 @@ from torch import nn
 
 from ..config import LoraLiteConfig
 from ..target import dense_weight, is_conv1d, is_quantized
-from ..variant import ParamSpec, Variant, add_lowrank, dropout, for_cache, merge_dtype, register, writable
-from .lora import nonzero_alpha
+from ..variant import ParamSpec, Variant, add_lowrank, dropout, for_cache, register, writable
+from .lora import nonzero_alpha, peft_lora_config
 
 
 def _x_Wt(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +124,7 @@ def weight_norm(layer: nn.Module) -> torch.Tensor:
 class DoRA(Variant):
     name = "dora"
     kwargs = ("use_rslora",)
+    peft_type = "LORA"
     reads_weight = True
 
     @staticmethod
@@ -165,8 +167,25 @@ class DoRA(Variant):
         return add_lowrank(y.to(wide) + (g.to(wide) - 1) * base, h, g[:, None] * layer.lora_B).to(y.dtype)
 
     @staticmethod
-    def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(m / ‖V‖_row)[:, None] · V, V = W + s·B A ((d_out, d_in), merge_dtype); bias unchanged."""
-        dt = merge_dtype(layer)
-        V = dense_weight(layer, dt) + layer._lora_lite.scale * (layer.lora_B.to(dt) @ layer.lora_A.to(dt))
-        return (layer.lora_m.to(dt) / V.norm(dim=1))[:, None] * V, None
+    def merged_weight(
+        layer: nn.Module, W: torch.Tensor, b: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """g ⊙ (W + s·B A) and b_base + g ⊙ (b − b_base), g = m / ‖W_base + s·B A‖_row (the dense norm).
+
+        W, b are the layer as the adapters below left it (for a lone DoRA: W_base, b_base, and the bias is
+        unchanged), since the forward gates the output those produce and takes its norm from the base weight.
+        """
+        dt = W.dtype
+        sBA = layer._lora_lite.scale * (layer.lora_B.to(dt) @ layer.lora_A.to(dt))
+        g = layer.lora_m.to(dt) / (dense_weight(layer, dt) + sBA).norm(dim=1)
+        if b is not None and layer.bias is not None:
+            b = torch.addcmul(layer.bias.to(dt), g, b - layer.bias.to(dt))
+        return g[:, None] * (W + sBA), b
+
+    @staticmethod
+    def peft_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B, "lora_magnitude_vector": layer.lora_m}
+
+    @staticmethod
+    def peft_config(cfg: LoraLiteConfig, layers: dict[str, nn.Module]) -> dict[str, Any]:
+        return peft_lora_config(cfg, cfg.r, cfg.alpha, use_dora=True)

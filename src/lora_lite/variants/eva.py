@@ -53,9 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapter import layer_input
 from ..config import ConfigError, LoraLiteConfig
-from ..variant import ParamSpec, Variant, register
+from ..variant import ParamSpec, Variant, layer_input, register
 from .lora import LoRA, nonzero_alpha
 
 _KWARGS = {
@@ -164,6 +163,7 @@ class EVA(Variant):
 
     forward = staticmethod(LoRA.forward)
     merged_weight = staticmethod(LoRA.merged_weight)
+    peft_type, peft_tensors, peft_config = "LORA", staticmethod(LoRA.peft_tensors), staticmethod(LoRA.peft_config)
 
     @staticmethod
     def group_init(
@@ -196,7 +196,7 @@ class EVA(Variant):
         # would put a submodule the user had in eval mode back in training mode)
         # (bitsandbytes' CPU repacking of 4-bit weights at an eval-mode no-grad forward, which would stop gradients
         # through them for good, is already off: attach turns it off while the adapter is attached)
-        handles = [layer.register_forward_hook(make_hook(n), with_kwargs=True) for n, layer, _ in targets]
+        handles = [layer.base_layer.register_forward_hook(make_hook(n), with_kwargs=True) for n, layer, _ in targets]
         n_batches = 0
         try:
             model.eval()

@@ -50,8 +50,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
-from ..target import dense_weight
-from ..variant import ParamSpec, Variant, merge_dtype, register
+from ..variant import ParamSpec, Variant, register
 
 
 def symmetric_init(t: torch.Tensor) -> None:
@@ -136,10 +135,12 @@ class HRA(Variant):
         return householder_product(layer.lora_U, x, gs)
 
     @staticmethod
-    def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W Q (merge_dtype); bias unchanged. householder_product on the rows of I gives Qᵀ."""
-        dt = merge_dtype(layer)
+    def merged_weight(
+        layer: nn.Module, W: torch.Tensor, b: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W Q; bias unchanged. householder_product on the rows of I gives Qᵀ."""
+        dt = W.dtype
         U = layer.lora_U.to(dt)
         gs = layer._lora_lite.cfg.variant_kwargs.get("apply_GS", False)
         Qt = householder_product(U, torch.eye(U.shape[1], device=U.device, dtype=dt), gs)
-        return dense_weight(layer, dt) @ Qt.T, None
+        return W @ Qt.T, b

@@ -34,13 +34,13 @@ c = 1: the adapter; c = −1 gives 2 − g, which to first order undoes the gate
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import ROLES, ConfigError, LoraLiteConfig
-from ..target import dense_weight
-from ..variant import ParamSpec, Variant, merge_dtype, register
+from ..variant import ParamSpec, Variant, register
 
 _FF_KWARGS = ("feedforward_names", "feedforward_roles")
 
@@ -70,6 +70,7 @@ class IA3(Variant):
 
     name = "ia3"
     kwargs = _FF_KWARGS
+    peft_type = "IA3"
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:
@@ -112,12 +113,21 @@ class IA3(Variant):
         return y * layer.lora_g  # promotes to the wider dtype; the hook casts back to y.dtype (as peft)
 
     @staticmethod
-    def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """diag(g) W and g ⊙ b (merge_dtype): the bias is gated too."""
-        dt = merge_dtype(layer)
-        g = layer.lora_g.to(dt)
-        b = None if layer.bias is None else g * layer.bias.to(dt)
-        return g[:, None] * dense_weight(layer, dt), b
+    def merged_weight(
+        layer: nn.Module, W: torch.Tensor, b: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """diag(g) W and g ⊙ b: the bias is gated too."""
+        g = layer.lora_g.to(W.dtype)
+        return g[:, None] * W, None if b is None else g * b
+
+    @staticmethod
+    def peft_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+        return {"ia3_l": layer.lora_g.reshape(-1, 1)}  # peft's (d_out, 1)
+
+    @staticmethod
+    def peft_config(cfg: LoraLiteConfig, layers: dict[str, nn.Module]) -> dict[str, Any]:
+        ff = sorted(n for n, a in layers.items() if a._lora_lite.variant is IA3FF)
+        return {"feedforward_modules": ff, "init_ia3_weights": True}
 
 
 @register
@@ -125,6 +135,7 @@ class IA3FF(Variant):
     """Input gate x ⊙ g (pre-hook), peft's is_feedforward=True."""
 
     name = "ia3_ff"
+    peft_type = "IA3"
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:
@@ -145,7 +156,14 @@ class IA3FF(Variant):
         return x * layer.lora_g
 
     @staticmethod
-    def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W diag(g) (merge_dtype); bias unchanged."""
-        dt = merge_dtype(layer)
-        return dense_weight(layer, dt) * layer.lora_g.to(dt), None
+    def merged_weight(
+        layer: nn.Module, W: torch.Tensor, b: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W diag(g); bias unchanged."""
+        return W * layer.lora_g.to(W.dtype), b
+
+    @staticmethod
+    def peft_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+        return {"ia3_l": layer.lora_g.reshape(1, -1)}  # peft's (1, d_in)
+
+    peft_config = IA3.peft_config

@@ -23,13 +23,14 @@ c = 1: the adapter, c = −1: the opposite update).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
-from ..target import dense_weight
-from ..variant import ParamSpec, Variant, add_lowrank, dropout, merge_dtype, register, writable
+from ..variant import ParamSpec, Variant, add_lowrank, dropout, register, writable
 
 
 def nonzero_alpha(cfg: LoraLiteConfig) -> None:
@@ -45,6 +46,7 @@ def nonzero_alpha(cfg: LoraLiteConfig) -> None:
 class LoRA(Variant):
     name = "lora"
     kwargs = ("use_rslora",)
+    peft_type = "LORA"
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:
@@ -63,7 +65,29 @@ class LoRA(Variant):
         return add_lowrank(y, h, layer.lora_B, inplace=writable(layer, y))  # y + h Bᵀ, one fused addmm
 
     @staticmethod
-    def merged_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """W + s·B A ((d_out, d_in), fp32 or fp64: merge_dtype); bias unchanged."""
-        s, dt = layer._lora_lite.scale, merge_dtype(layer)
-        return dense_weight(layer, dt) + s * (layer.lora_B.to(dt) @ layer.lora_A.to(dt)), None
+    def merged_weight(
+        layer: nn.Module, W: torch.Tensor, b: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W + s·B A; bias unchanged."""
+        return W + layer._lora_lite.scale * (layer.lora_B.to(W.dtype) @ layer.lora_A.to(W.dtype)), b
+
+    @staticmethod
+    def peft_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}
+
+    @staticmethod
+    def peft_config(cfg: LoraLiteConfig, layers: dict[str, nn.Module]) -> dict[str, Any]:
+        return peft_lora_config(cfg, cfg.r, cfg.alpha)
+
+
+def peft_lora_config(cfg: LoraLiteConfig, r: int, alpha: float, use_dora: bool = False) -> dict[str, Any]:
+    """The adapter_config.json fields of a peft LoRA with this rank and alpha."""
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": bool(cfg.variant_kwargs.get("use_rslora", False)),
+        "use_dora": use_dora,
+        "bias": "none",
+        "init_lora_weights": True,
+    }

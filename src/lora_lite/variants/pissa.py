@@ -47,15 +47,17 @@ lora/model.py `subtract_mutated_init`); B₀A₀ = (W − W_res)/s, refactored b
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import original_weight
 from ..config import ConfigError, LoraLiteConfig
 from ..target import dense_weight, is_conv1d, set_dense_weight
-from ..variant import ParamSpec, register
-from .lora import LoRA
+from ..variant import ParamSpec, original_weight, register
+from .lora import LoRA, peft_lora_config
 
 SVD_SEED = 0  # seed of the randomized SVD (svd_niter): fixed so that load re-derives the same W_res
 _KWARGS = ("svd_niter", "use_rslora")
@@ -135,3 +137,26 @@ class PiSSA(LoRA):
         if layer.bias is not None:
             y0 = y0 + layer.bias.to(x.dtype)
         return y0 + c * (LoRA.forward(layer, x, y) - y0)
+
+    @staticmethod
+    @torch.no_grad()
+    def peft_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Rank 2r against the original W: B' = [B, −B₀], A' = [A; A₀], with s·B₀A₀ = W − W_res (refactored
+        by a rank-r SVD of (W − W_res)/s, as peft's `subtract_mutated_init`)."""
+        st, A, B = layer._lora_lite, layer.lora_A, layer.lora_B
+        W0 = original_weight(
+            layer, cache=False, what="export_peft (pissa's B₀A₀ = (W − W_res)/s)"
+        ).float()  # (raises if not kept, or W_res overwritten since)
+        W0 = W0.t() if is_conv1d(layer) else W0
+        U, S, Vh = torch.linalg.svd((W0 - dense_weight(layer)) / st.scale, full_matrices=False)
+        sqrt_s = S[: st.cfg.r].sqrt()
+        A0, B0 = sqrt_s[:, None] * Vh[: st.cfg.r], U[:, : st.cfg.r] * sqrt_s
+        A2 = torch.cat([A.float(), A0], dim=0).to(A.dtype)
+        B2 = torch.cat([B.float(), -B0], dim=1).to(B.dtype)
+        return {"lora_A.weight": A2, "lora_B.weight": B2}
+
+    @staticmethod
+    def peft_config(cfg: LoraLiteConfig, layers: dict[str, nn.Module]) -> dict[str, Any]:
+        """The same scale at rank 2r: alpha/r -> 2alpha/2r, alpha/√r -> √2·alpha/√(2r)."""
+        rslora = bool(cfg.variant_kwargs.get("use_rslora", False))
+        return peft_lora_config(cfg, 2 * cfg.r, cfg.alpha * (math.sqrt(2) if rslora else 2))

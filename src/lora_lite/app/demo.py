@@ -50,6 +50,8 @@ import torch.nn.functional as F
 
 import lora_lite as ll
 
+from .usage import UsageError
+
 TARGET_ROLES = ("reader", "writer", "inner")  # every linear layer of the 6 blocks ...
 EXCLUDE = ("pooler",)  # ... but not BERT's pooler, which mean pooling never uses
 LR = {"ia3": 3e-2, "ia3_ff": 3e-2, "antipasto": 3e-2, "delora": 3e-3}  # see the docstring; others: DEFAULT_LR
@@ -279,7 +281,6 @@ def plot(results: list[Result], path: Path, title: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .cli import UsageError
 
     names = args.variant or [n for n in ll.REGISTRY if not n.startswith("_")]
     unknown = [n for n in names if n not in ll.REGISTRY]

@@ -7,7 +7,8 @@ unmodified base reproduces the adapted model. Tensor keys are `base_model.model.
 lora_magnitude_vector (d_out,), ia3_l ((d_out, 1), or (1, d_in) for feed-forward layers).
 `target_modules` lists the full module names (peft matches a list entry equal to the module name).
 Module names are relative to the model passed in: export from, and serve on, the same model class.
-pissa is written against the ORIGINAL weight as a rank-2r LoRA (peft's PiSSA conversion, see pissa.py).
+Each variant converts its own tensors (`Variant.peft_type`, `peft_tensors`, `peft_config`): pissa, for one,
+is written against the ORIGINAL weight as a rank-2r LoRA (peft's PiSSA conversion, see pissa.py).
 
 import_peft: peft LoRA (incl. rslora, DoRA) and IA3 adapters, attached as lora-lite lora / dora / ia3
 (a peft PiSSA adapter saved without conversion, init_lora_weights="pissa", as lora-lite pissa: both
@@ -23,7 +24,6 @@ Only safetensors files are read (no pickle).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -32,27 +32,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import (
-    AdapterError,
-    LoadError,
-    _drop_originals,
-    _plan,
-    _state,
-    _write_atomic,
-    attach,
-    detach,
-    original_weight,
-    require_original,
-    require_outside_blocks,
-    targets,
-)
-from .config import _DTYPES, LoraLiteConfig
-from .target import all_finite, dense_weight, is_conv1d, is_linear_like, unwrap
+from .. import guards
+from ..config import _DTYPES, REGISTRY, LoraLiteConfig, get_variant
+from ..errors import AdapterError, LoadError
+from ..io import attach_with_tensors, write_atomic
+from ..named import adapters, model_state, resolve
+from ..plan import plan
+from ..target import all_finite, is_conv1d, is_linear_like, unwrap
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_LORA_LIKE = ("lora", "eva", "pissa", "dora")
 # peft LoraConfig options with no lora-lite equivalent: import refuses any that is set (truthy)
 _LORA_UNSUPPORTED = (
     "lora_bias",
@@ -80,103 +70,47 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True).contiguous()
 
 
-@torch.no_grad()
-def _pissa_initial(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A₀, B₀) with s·B₀A₀ = W − W_res: the principal part pissa moved out of the weight at attach."""
-    require_original(layer, "export_peft (pissa's B₀A₀ = (W − W_res)/s)")
-    st = layer._lora_lite
-    W0 = original_weight(layer, cache=False).float()  # (raises if W_res was overwritten since attach)
-    W0 = W0.t() if is_conv1d(layer) else W0
-    U, S, Vh = torch.linalg.svd((W0 - dense_weight(layer)) / st.scale, full_matrices=False)
-    r = st.cfg.r
-    sqrt_s = S[:r].sqrt()
-    return sqrt_s[:, None] * Vh[:r], U[:, :r] * sqrt_s
+def export_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
+    """Write adapter `name` (may be left out when one is attached) as a peft adapter directory; return it.
 
-
-def _export_lora(model: nn.Module, cfg: LoraLiteConfig) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    rslora = bool(cfg.variant_kwargs.get("use_rslora", False))
-    r, alpha = cfg.r, cfg.alpha
-    tensors = {}
-    for name, layer in targets(model).items():
-        A, B = layer.lora_A, layer.lora_B
-        if cfg.variant == "pissa":  # ΔW = s·(B A − B₀ A₀) against the original weight, rank 2r
-            A0, B0 = _pissa_initial(layer)
-            A = torch.cat([A.float(), A0], dim=0).to(A.dtype)
-            B = torch.cat([B.float(), -B0], dim=1).to(B.dtype)
-        tensors[_key(name, "lora_A.weight")] = _cpu(A)
-        tensors[_key(name, "lora_B.weight")] = _cpu(B)
-        if cfg.variant == "dora":
-            tensors[_key(name, "lora_magnitude_vector")] = _cpu(layer.lora_m)
-    if cfg.variant == "pissa":  # same scaling at rank 2r: alpha/r -> 2alpha/2r, alpha/√r -> √2·alpha/√(2r)
-        r, alpha = 2 * r, alpha * (math.sqrt(2) if rslora else 2)
-    layers = targets(model).values()
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": cfg.dropout,
-        "use_rslora": rslora,
-        "use_dora": cfg.variant == "dora",
-        "target_modules": sorted(targets(model)),
-        "fan_in_fan_out": all(is_conv1d(layer) for layer in layers),
-        "bias": "none",
-        "init_lora_weights": True,
-    }
-    return config, tensors
-
-
-def _export_ia3(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    tensors, ff = {}, []
-    for name, layer in targets(model).items():
-        g = layer.lora_g
-        if layer._lora_lite.variant.name == "ia3_ff":
-            ff.append(name)
-            tensors[_key(name, "ia3_l")] = _cpu(g.reshape(1, -1))
-        else:
-            tensors[_key(name, "ia3_l")] = _cpu(g.reshape(-1, 1))
-    config = {
-        "peft_type": "IA3",
-        "task_type": None,
-        "target_modules": sorted(targets(model)),
-        "feedforward_modules": sorted(ff),
-        "fan_in_fan_out": all(is_conv1d(layer) for layer in targets(model).values()),
-        "init_ia3_weights": True,
-    }
-    return config, tensors
-
-
-def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the attached adapter as a peft adapter directory; return the directory.
-
-    Supported: lora (rslora), eva, pissa (as LoRA), dora, ia3 / ia3_ff. Other variants raise AdapterError.
+    Supported: every variant with a `peft_type` (lora incl. rslora, eva, pissa as LoRA, dora, ia3 / ia3_ff).
+    Other variants raise AdapterError.
     """
     from safetensors.torch import save_file
 
-    state = _state(model)
-    cfg = state.cfg
-    for layer in state.layers.values():
-        require_outside_blocks(layer, "export_peft", "(it exports the trained adapter, c = 1)")
-    if cfg.variant in _LORA_LIKE:
-        config, tensors = _export_lora(model, cfg)
-    elif cfg.variant in ("ia3", "ia3_ff"):
-        config, tensors = _export_ia3(model)
-    else:
+    name = resolve(model, name, "ll.export_peft")
+    info = model_state(model).adapters[name]
+    cfg, layers = info.cfg, info.layers
+    for a in layers.values():
+        guards.require_outside_blocks(a._lora_lite, "export_peft", "(it exports the trained adapter, c = 1)")
+    variant = get_variant(cfg.variant)
+    if variant.peft_type is None:
+        exportable = sorted(n for n, v in REGISTRY.items() if v.peft_type is not None)
         raise AdapterError(
-            f"export_peft: variant {cfg.variant!r} has no peft LoRA/IA3 equivalent (supported: "
-            f"{', '.join(_LORA_LIKE)}, ia3, ia3_ff). To deploy it use ll.merge(model) or ll.merged_state_dict(model) "
-            "(plain dense weights), or ll.save for lora-lite's own format."
+            f"export_peft: variant {cfg.variant!r} has no peft LoRA/IA3 equivalent (supported: {', '.join(exportable)}). "
+            "To deploy it use ll.merge(model) or ll.merged_state_dict(model) (plain dense weights), or ll.save "
+            "for lora-lite's own format."
         )
-    base = getattr(getattr(model, "config", None), "_name_or_path", None)
-    config.update(base_model_name_or_path=base or None, inference_mode=True, modules_to_save=None)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise AdapterError(
             f"export_peft: {str(path)!r} is a file; peft adapters are directories (adapter_config.json + "
             f"{WEIGHTS_NAME}). Pass a directory path"
         )
+    tensors = {_key(n, k): _cpu(t) for n, a in layers.items() for k, t in a._lora_lite.variant.peft_tensors(a).items()}
+    base = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None)
+    config = {
+        "peft_type": variant.peft_type,
+        "task_type": None,
+        "target_modules": sorted(layers),
+        "fan_in_fan_out": all(is_conv1d(a) for a in layers.values()),
+        **variant.peft_config(cfg, layers),
+        "base_model_name_or_path": base or None,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
     path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(tensors, {"format": "pt"}, path / WEIGHTS_NAME, save_file)
+    write_atomic(tensors, {"format": "pt"}, path / WEIGHTS_NAME, save_file)
     tmp = path / f".{CONFIG_NAME}.tmp"
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path / CONFIG_NAME)
@@ -288,6 +222,7 @@ def _ia3_plan(pc: dict, tensors: dict, path: Path, dtype) -> tuple[LoraLiteConfi
 def import_peft(
     model: nn.Module,
     path: str | os.PathLike,
+    name: str = "default",
     *,
     dtype: torch.dtype | None = None,
     allow_nonfinite: bool = False,
@@ -297,15 +232,14 @@ def import_peft(
 
     `model` is the plain base model peft's adapter was made for. `dtype`: of the adapter tensors
     (default: the file's). A damaged directory (unreadable config or weights, a missing field, NaN/inf
-    values unless `allow_nonfinite=True`) raises `LoadError`. Returns the targeted layer names. On any
-    error the model is left unchanged. keep_original: as in `ll.attach` (a peft PiSSA adapter).
+    values unless `allow_nonfinite=True`) raises `LoadError`. Attached as adapter `name`; returns the targeted
+    layer names. On any error the model is left unchanged. keep_original: as in `ll.attach` (a peft PiSSA adapter).
     """
     from safetensors.torch import load_file
 
-    if not isinstance(keep_original, bool):
-        raise AdapterError(f"keep_original must be True or False, got {keep_original!r}")
-
+    guards.check_flag(keep_original, "keep_original")
     model, path = unwrap(model), Path(path)
+    guards.check_name(name, adapters(model))
     if not (path / CONFIG_NAME).is_file():
         raise LoadError(f"{str(path)!r} is not a peft adapter directory (no {CONFIG_NAME})")
     if not (path / WEIGHTS_NAME).is_file():
@@ -336,11 +270,11 @@ def import_peft(
     except (KeyError, TypeError, ValueError) as e:  # a missing or ill-typed field (r, lora_alpha, ...)
         raise LoadError(f"{str(path)!r}: {CONFIG_NAME} has a missing or invalid field: {e!r}") from None
     if not allow_nonfinite:
-        for name, ts in per.items():
+        for layer, ts in per.items():
             for p, v in ts.items():
                 if not all_finite(v):
                     raise LoadError(
-                        f"{str(path)!r}: {name}: {p} contains NaN or inf values; "
+                        f"{str(path)!r}: {layer}: {p} contains NaN or inf values; "
                         "pass allow_nonfinite=True to import it anyway"
                     )
     modules = dict(model.named_modules())
@@ -354,25 +288,15 @@ def import_peft(
     if odd:
         raise LoadError(f"{str(path)!r}: {odd[0]}: {type(modules[odd[0]]).__name__} is not a linear layer")
     try:
-        plan = _plan(model, cfg)
+        targets = plan(model, cfg, name)
     except ValueError as e:
         raise LoadError(f"{str(path)!r} does not fit this model: {e}") from None
-    for t in plan:  # every check before the model is touched
+    for t in targets:  # every check before the model is touched
         for p, v in per[t.name].items():
             if tuple(v.shape) != tuple(t.specs[p].shape):
                 raise LoadError(
                     f"{str(path)!r} does not fit this model: {t.name}.{p} has shape {tuple(v.shape)} in the file, "
                     f"this model needs {tuple(t.specs[p].shape)}"
                 )
-    names = attach(model, cfg)
-    try:
-        with torch.no_grad():
-            for name, layer in targets(model).items():
-                for p, v in per[name].items():
-                    getattr(layer, p).copy_(v)
-    except BaseException:
-        detach(model)
-        raise
-    if not keep_original:
-        _drop_originals(model)
-    return names
+    tensors = {f"{n}.{p}": v for n, ts in per.items() for p, v in ts.items()}
+    return attach_with_tensors(model, cfg, name, tensors, keep_original)

@@ -27,15 +27,12 @@ import torch
 
 import lora_lite as ll
 
-from .config import ROLES
+from ..config import ROLES
+from .usage import UsageError
 
 ADAPTER_FILE = "adapter.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
-
-
-class UsageError(ValueError):
-    """A command-line argument is wrong (file missing, value out of range, ...)."""
 
 
 # ---------------------------------------------------------------- arguments

@@ -1,0 +1,299 @@
+"""Every refusal and rare-case check of the runtime, each a named function with its reason.
+
+The runtime (runtime.py) reads along the normal path and calls one of these in one line where a rare
+case can occur. Each says what went wrong, names the layer or option, and gives the fix; none changes
+the model. The test that pins each one is named in its docstring.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
+
+from .config import ConfigError, LoraLiteConfig
+from .errors import AdapterError
+from .target import TargetError, all_finite, computed_weight, is_quantized
+
+NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def check_name(name: object, taken: list[str]) -> None:
+    """A new adapter's name: [A-Za-z0-9_]+ (it is part of state_dict keys) and not attached yet.
+    (tests/test_named.py::test_bad_names_change_nothing)"""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise AdapterError(f"adapter name must match [A-Za-z0-9_]+ (it becomes part of state_dict keys), got {name!r}")
+    if name in taken:
+        raise AdapterError(
+            f"an adapter named {name!r} is already attached to this model (attached: {taken}); pass another "
+            f"name=..., or ll.detach(model, {name!r}) first"
+        )
+
+
+def check_known(names: list[str], attached: list[str], what: str) -> None:
+    """Names given to set_active / detach / save / merge / scaled must be attached. (test_named.py)"""
+    unknown = [n for n in names if n not in attached]
+    if unknown:
+        raise AdapterError(f"{what}: no adapter named {unknown[0]!r} is attached; attached adapters: {attached}")
+
+
+def check_flag(value: object, what: str) -> None:
+    if not isinstance(value, bool):
+        raise AdapterError(f"{what} must be True or False, got {value!r}")
+
+
+# ---------------------------------------------------------------- targets (before anything is attached)
+
+
+def check_target(model: nn.Module, name: str, layer: nn.Module, variant: type, owners: Any, unhooked: set[int]) -> None:
+    """Refuse a target no hook could serve correctly (tests/test_unusual_modules.py, test_quantized.py).
+    `unhooked`: target.unhooked_linears(model)."""
+    if id(layer) in unhooked:
+        raise TargetError(
+            f"{name}: this is nn.MultiheadAttention's out_proj, which torch applies through "
+            "F.multi_head_attention_forward without calling the module, so no adapter hook on it would ever "
+            "run (the adapter would be silently ignored). Exclude it (exclude_names): nn.MultiheadAttention has "
+            "no other linear submodule (its input projection is a bare parameter)."
+        )
+    if hasattr(layer.weight, "quant_state") and layer.weight.quant_state is None:
+        raise AdapterError(
+            f"{name}: this bitsandbytes {type(layer).__name__} is not quantized yet (bitsandbytes quantizes "
+            "its weight when the layer is moved to a device): call model.to(device) (e.g. 'cpu' or 'cuda') "
+            "first, then attach."
+        )
+    if layer.weight.is_meta:
+        raise AdapterError(
+            f"{name}: the weight is on the meta device (no values): the model was built without weights "
+            "(torch.device('meta'), accelerate's init_empty_weights) or its weights are offloaded (accelerate's "
+            "cpu_offload, a device_map with offload). lora-lite needs the layer's real tensors: materialize the "
+            "model (model.to_empty(device=...) and load its weights), or load it without offloading, then attach."
+        )
+    if variant.rewrites_weight:
+        check_rewritable(model, name, layer, variant, owners)
+
+
+def check_rewritable(model: nn.Module, name: str, layer: nn.Module, variant: type, owners: Any) -> None:
+    """pissa/antipasto write W_res into the weight: it must be a plain, dense, untied weight. (test_unusual_modules)"""
+    how = computed_weight(layer)
+    if how:
+        raise ConfigError(
+            f"{name}: variant {variant.name!r} replaces the weight by a residual, but this weight is {how}, so a "
+            "written weight would be recomputed away. Remove the parametrization first (e.g. "
+            "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')), or use another variant."
+        )
+    if is_quantized(layer):
+        raise ConfigError(
+            f"{name}: variant {variant.name!r} rewrites the weight and needs a dense floating-point weight, "
+            f"but this layer is {type(layer).__name__} with a {layer.weight.dtype} weight. "
+            "Load the base unquantized, or use lora/dora/eva on the quantized base."
+        )
+    shared = [n for m, n in owners.get(id(layer.weight), {}).items() if m != id(layer)]
+    if shared:
+        raise ConfigError(
+            f"{name}: variant {variant.name!r} replaces the weight by a residual, but this weight is shared "
+            f"with {shared} (tied weights), which would change too. Exclude this layer (exclude_names), "
+            "or untie the weights first."
+        )
+
+
+def check_stacking(name: str, layer: nn.Module, variant: type, adapter: str) -> None:
+    """A weight-rewriting adapter never shares a layer: detaching one would restore (or keep) a weight the other
+    does not expect. Refused at attach, both ways round. (tests/test_named.py::test_rewriting_adapters_do_not_stack)"""
+    stack = layer._modules.get("lora_lite")
+    if stack is None or not len(stack):
+        return
+    rewriting = [n for n, a in stack.items() if a._lora_lite.variant.rewrites_weight]
+    if variant.rewrites_weight or rewriting:
+        who = f"{variant.name!r} (adapter {adapter!r})" if variant.rewrites_weight else f"{rewriting[0]!r}"
+        raise AdapterError(
+            f"{name}: adapter {adapter!r} cannot share this layer with {list(stack)}: {who} replaces the layer's "
+            "weight by a residual, so it must be the only adapter on the layer. Exclude the layer from one "
+            "of them (exclude_names), or merge the rewriting adapter first (ll.merge)."
+        )
+
+
+def check_no_clash(name: str, layer: nn.Module, specs: dict) -> None:
+    """An attribute named like ours that lora-lite did not add: another adapter library (peft's LoraLayer has
+    lora_A / lora_B) already adapts this layer. (tests/test_misuse.py::test_attach_on_a_peft_model_refuses_the_name_clash)"""
+    clash = [p for p in specs if hasattr(layer, p)]
+    if hasattr(layer, "lora_lite") and type(layer._modules.get("lora_lite")).__name__ != "AdapterStack":
+        clash.insert(0, "lora_lite")
+    if clash:
+        raise AdapterError(
+            f"{name}: {type(layer).__name__} already has an attribute {clash[0]!r} (another adapter library, "
+            "e.g. peft, on this model?). Attach lora-lite to the plain base model."
+        )
+
+
+def check_finite_init(name: str, variant: type, cfg: LoraLiteConfig, named: list[tuple[str, torch.Tensor]]) -> None:
+    """Fail loudly on an init that overflowed (extreme alpha, degenerate weights or data). (test_robustness)"""
+    for pname, v in named:
+        if not all_finite(v):
+            raise ConfigError(
+                f"{name}: {variant.name!r} init made {pname} non-finite (NaN/inf) with r={cfg.r}, "
+                f"alpha={cfg.alpha}, dtype={cfg.dtype}, variant_kwargs={cfg.variant_kwargs}. "
+                "Use a less extreme alpha/r or a wider dtype, or exclude this layer."
+            )
+
+
+def stop_cpu_repacking(model: nn.Module, saved: dict[nn.Module, bool]) -> None:
+    """bitsandbytes (observed: 0.50.2) on an AVX512-BF16 CPU repacks a Linear4bit weight in place, for good, at
+    its first eval-mode no-grad forward, into an inference layout through which no gradient reaches the layer's
+    input: every adapter at or before it would silently stop learning after an evaluation. Off while attached
+    (detach restores the flag); a layer repacked before attach gets a warning. (tests/test_quantized.py)"""
+    packed = []
+    for name, m in model.named_modules():
+        if getattr(m, "is_lora_lite_adapter", False):
+            continue
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            saved[m] = True
+            m.support_avx512bf16_for_cpu = False
+        if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False):
+            packed.append(name)
+    if packed:
+        warnings.warn(
+            f"bitsandbytes already repacked {len(packed)} 4-bit layer(s) for CPU inference (e.g. {packed[0]}): "
+            "no gradient flows through them, so adapters at or before them will not learn. Fine for inference; "
+            "to train, reload the quantized model and attach before any eval-mode no_grad forward (lora-lite "
+            "turns the repacking off while attached).",
+            stacklevel=4,
+        )
+
+
+# ---------------------------------------------------------------- hooks (every call)
+
+
+def layer_input(
+    layer: nn.Module, args: tuple, kwargs: dict[str, Any], name: str = ""
+) -> tuple[torch.Tensor, str | None]:
+    """(x, None) for `layer(x, ...)`, (x, name) for `layer(name=x)` (e.g. nn.Linear's `input=`); else raise.
+    (tests/test_unusual_modules.py)"""
+    if args:
+        return args[0], None
+    if len(kwargs) == 1:
+        ((key, x),) = kwargs.items()
+        if isinstance(x, torch.Tensor):
+            return x, key
+    raise AdapterError(
+        f"{name}: {type(layer).__name__} was called without a positional input (keywords: {sorted(kwargs)}); lora-lite "
+        "reads the layer input from the first positional argument or a single keyword argument. Call the layer "
+        "as layer(x)."
+    )
+
+
+def check_output(layer: nn.Module, y: Any, name: str) -> None:
+    """The hooked layer must return its output tensor (not a tuple or a dict). (tests/test_unusual_modules.py)"""
+    if not isinstance(y, torch.Tensor):
+        raise AdapterError(
+            f"{name}: {type(layer).__name__} returned a {type(y).__name__}, not a tensor; lora-lite adapts layers whose "
+            "forward returns the output tensor. Exclude this layer (exclude_names)."
+        )
+
+
+def adapter_dtype(a: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype the adapter math runs in: that of its first floating lora_* tensor (cfg.dtype, unless the model
+    was cast since attach: then the math follows the tensors). Raises if those tensors were offloaded to the meta
+    device after attach (accelerate's hooks move them away before ours runs). (tests/test_unusual_modules.py)"""
+    st = a._lora_lite
+    for n in st.names:
+        t = getattr(a, n)
+        if t.is_floating_point():
+            if t.is_meta and not x.is_meta:
+                raise AdapterError(
+                    f"{st.name}: the adapter tensors are on the meta device while the input is not: the layer was "
+                    "offloaded after attach (accelerate's cpu_offload / dispatch_model moves a layer's tensors away "
+                    "after its forward, before lora-lite's hook runs). Offloaded targets are not supported: keep "
+                    "them on a device, or ll.merge the adapter before offloading."
+                )
+            return t.dtype
+    return st.cfg.dtype
+
+
+def sole_owner(layer: nn.Module, stack: Any, y: torch.Tensor) -> bool:
+    """Nobody but our hook can have seen y: no global hooks, ours is the layer's first, y is no grad leaf, the
+    layer's forward is its class's (not replaced on the instance by a wrapper that may keep y, as accelerate's
+    hooks do), and no torch.func transform is active. Never under torch.compile (the handle lookup would break
+    the graph). Then the first adapter may add into y in place (fast.py). (tests/test_inplace.py)"""
+    return (
+        not torch.compiler.is_compiling()
+        and not _global_forward_hooks
+        and not torch._C._are_functorch_transforms_active()
+        and next(iter(layer._forward_hooks), None) == stack.post_handle.id
+        and not (y.requires_grad and y.is_leaf)
+        and "forward" not in layer.__dict__
+    )
+
+
+def describe(on: bool, coef: float) -> str:
+    return "disabled (ll.disabled)" if not on else ("on" if coef == 1.0 else f"scaled by c={coef:g} (ll.scaled)")
+
+
+def same_state_as_forward(stack: Any) -> None:
+    """Gradient checkpointing re-runs a block's forward during backward, with the state (ll.disabled, ll.scaled,
+    ll.set_active) of that moment: raise if no forward since the last backward ran in that state, as the recompute
+    would then silently compute the gradients of another model. Any earlier state counts, so a no-grad reference
+    pass between the forward and its backward (DPO, as TRL orders it) passes. Skipped under torch.compile (the
+    task-id query would break the graph at every hook). (tests/test_ecosystem.py, checkpointing tests)"""
+    if torch.compiler.is_compiling():
+        return
+    now = tuple((a._lora_lite.on, a._lora_lite.coef) for a in stack.values())
+    if torch._C._current_graph_task_id() == -1:  # not inside a backward pass: an ordinary call
+        if stack.recomputed:  # the first call after a backward: a new step
+            stack.forward_states.clear()
+            stack.recomputed = False
+        stack.forward_states.add(now)
+        return
+    stack.recomputed = True
+    if now not in stack.forward_states:
+        name = next(iter(stack.values()))._lora_lite.name
+        was = " or ".join(sorted(" / ".join(describe(*s) for s in st) for st in stack.forward_states)) or "never run"
+        raise AdapterError(
+            f"{name}: a checkpointed forward is being recomputed during backward with the adapter "
+            f"{' / '.join(describe(*s) for s in now)}, but the forwards since the last backward ran with it {was}: "
+            "the gradients would be those of the wrong model. With gradient checkpointing, call backward inside "
+            "the same ll.disabled / ll.scaled block as the forward (for a loss over several coefficients: one "
+            "backward per block, the gradients accumulate), or turn checkpointing off. Zero the gradients before "
+            "retrying."
+        )
+
+
+# ---------------------------------------------------------------- operations on an attached adapter
+
+
+def require_original(st: Any, what: str) -> None:
+    """Raise if `what` needs the weight a rewriting variant replaced and attach did not keep it
+    (keep_original=False). (tests/test_keep_original.py)"""
+    if st.original_dropped:
+        raise AdapterError(
+            f"{st.name}: {what} needs the original base weight, which {st.variant.name!r} replaced by its residual "
+            "at attach, and this adapter was attached with keep_original=False, so it was not kept; nothing was "
+            "changed. Attach with keep_original=True (the default) to use it. To get the base model back, reload "
+            "it; ll.merge(model) gives a plain model with the adapter folded in."
+        )
+
+
+def require_outside_blocks(st: Any, what: str, why: str) -> None:
+    """Raise if `what` (which reads the trained adapter at c = 1) runs inside ll.disabled or ll.scaled.
+    (tests/test_steer.py)"""
+    if not st.enabled or st.coef != 1.0:
+        raise AdapterError(
+            f"{st.name}: {what} called inside ll.disabled or ll.scaled; call it outside those blocks {why}"
+        )
+
+
+def refuse_copy_inside_blocks(st: Any) -> None:
+    """copy.deepcopy and pickle (torch.save(model)) inside ll.disabled / ll.scaled: the copy would keep that state
+    (and, for pissa/antipasto, the swapped-in original weight) for good. (tests/test_steer.py)"""
+    if not st.enabled or st.coef != 1.0:
+        raise AdapterError(
+            f"{st.name}: the model is being copied or pickled inside ll.disabled / ll.scaled; the copy would "
+            f"keep the adapter {describe(st.enabled, st.coef)} for good. Copy it outside the block; for a "
+            "plain copy of the base model, copy outside the block and ll.detach(copy)."
+        )

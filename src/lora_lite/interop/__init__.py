@@ -1,0 +1,1 @@
+"""Converters to and from the peft adapter format."""

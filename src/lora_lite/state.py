@@ -1,0 +1,142 @@
+"""What attach leaves on a model: plain records and the two small modules that hold adapter tensors.
+
+    model._lora_lite_state                     ModelState: the adapters by name, in attach order
+    layer.lora_lite                            AdapterStack (an nn.ModuleDict): this layer's adapters, by name
+    layer.lora_lite[name]                      LayerAdapter: one adapter's lora_* tensors on this layer
+    layer.lora_lite[name]._lora_lite           AdapterState: that adapter's per-layer record
+
+So `model.state_dict()` holds `<layer>.lora_lite.<name>.lora_A`: the adapter's name and the tensor's name,
+which Trainer checkpoints, DDP and FSDP2 handle like any parameter. A `LayerAdapter` shows the base
+layer's `weight`, `bias` and shape attributes, so a variant reads `layer.lora_A` and `layer.weight` from
+one object and never sees the other adapters on the layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .guards import refuse_copy_inside_blocks
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+    from .config import LoraLiteConfig
+    from .variant import Variant
+
+STATE = "_lora_lite_state"  # on the model
+STACK = "lora_lite"  # on each target layer
+
+
+@dataclass(eq=False)
+class AdapterState:
+    """One adapter on one layer (`layer.lora_lite[name]._lora_lite`)."""
+
+    name: str  # the layer's name in the model
+    adapter: str  # the adapter's name
+    role: str
+    variant: type[Variant]
+    cfg: LoraLiteConfig
+    scale: float
+    names: tuple[str, ...]  # the lora_* tensors
+    trainable: tuple[str, ...]  # those of them that train while the adapter is active
+    original: Any = None  # rewriting variants: what restores the weight before attach (original.py)
+    original_weight: Callable[[bool, str], torch.Tensor] | None = None  # rebuilds it (original.py fills this)
+    fingerprint: str | None = None  # of the base weight before attach (save/load)
+    residual_hash: str | None = None  # of W_res right after init, when `original` needs it to rebuild the weight
+    original_dropped: bool = False  # attached with keep_original=False: no detach / ll.disabled
+    active: bool = True  # ll.set_active
+    enabled: bool = True  # False inside ll.disabled
+    coef: float = 1.0  # steering coefficient (ll.scaled)
+    writable: torch.Tensor | None = None  # during a hook call: the base output, if safe to update in place
+    cache: dict[str, Any] = field(default_factory=dict)  # variant-private, never saved (e.g. frozen norms)
+
+    @property
+    def on(self) -> bool:
+        return self.active and self.enabled
+
+    def __getstate__(self) -> dict[str, Any]:
+        refuse_copy_inside_blocks(self)
+        return self.__dict__
+
+
+class LayerAdapter(nn.Module):
+    """One adapter's tensors on one layer; shows the base layer's weight, bias and shape attributes."""
+
+    def __init__(self, base: nn.Module, st: AdapterState) -> None:
+        super().__init__()
+        object.__setattr__(self, "_base", base)  # a plain reference: not a submodule (no cycle in the tree)
+        self._lora_lite = st
+        self.training = base.training
+
+    weight = property(lambda self: self._base.weight)
+    bias = property(lambda self: self._base.bias)
+    in_features = property(lambda self: self._base.in_features)
+    out_features = property(lambda self: self._base.out_features)
+    nx = property(lambda self: self._base.nx)  # transformers' GPT-2 Conv1D
+    nf = property(lambda self: self._base.nf)
+    state = property(lambda self: self._base.state)  # bitsandbytes 8-bit
+    is_lora_lite_adapter = True  # targeting never takes it for a linear layer
+    base_layer = property(lambda self: self._base)  # the layer itself (e.g. to hook it during calibration)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Calling it calls the layer (with every adapter on it)."""
+        return self._base(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        st = self._lora_lite
+        return f"{st.variant.name}, r={st.cfg.r}, alpha={st.cfg.alpha}"
+
+
+class AdapterStack(nn.ModuleDict):
+    """A layer's adapters in attach order, and what its two hooks need between calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: tuple[LayerAdapter, ...] = ()  # every adapter, attach order
+        self.outputs: tuple[LayerAdapter, ...] = ()  # output-side adapters, attach order
+        self.inputs: tuple[LayerAdapter, ...] = ()  # input-side adapters, attach order
+        self.post_handle: RemovableHandle | None = None
+        self.pre_handle: RemovableHandle | None = None
+        self.seen: dict[int, torch.Tensor] | None = None  # per call: id(output adapter) -> the x it sees
+        self.forward_states: set[tuple] = set()  # stack states of the calls since the last backward
+        self.recomputed = False  # a checkpointed forward was recomputed in backward since the last call
+
+    def refresh(self) -> None:
+        """Recompute the output-/input-side tuples after an adapter was added or removed."""
+        adapters = self.order = tuple(self.values())
+        self.outputs = tuple(a for a in adapters if a._lora_lite.variant.forward is not None)
+        self.inputs = tuple(a for a in adapters if a._lora_lite.variant.forward is None)
+
+
+@dataclass
+class AdapterInfo:
+    """One named adapter on the model."""
+
+    cfg: LoraLiteConfig
+    layers: dict[str, LayerAdapter]  # layer name -> this adapter's module on it
+    active: bool = True
+
+
+@dataclass
+class ModelState:
+    adapters: dict[str, AdapterInfo] = field(default_factory=dict)  # attach order
+    requires_grad: dict[str, bool] = field(default_factory=dict)  # of the base parameters before the first attach
+    cpu_repack: dict[nn.Module, bool] = field(default_factory=dict)  # bitsandbytes 4-bit: the flag before attach
+
+
+@contextmanager
+def for_cache() -> Iterator[None]:
+    """Build tensors kept across calls (`layer._lora_lite.cache`) in here: plain tensors without autograd history.
+
+    Also when the first call runs under `torch.inference_mode()` (an evaluation before training): an inference
+    tensor in the cache would make every later training step raise ("Inference tensors cannot be saved for
+    backward"). `inference_mode(False)` turns grad mode on, hence the `no_grad`.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        yield
