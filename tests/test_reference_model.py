@@ -281,6 +281,16 @@ def test_dpo_detects_a_reference_the_fused_head_bypasses(tmp_path) -> None:
     assert any(not torch.equal(bypassed[k], want[k]) for k in want)
 
 
+def test_trl_hashes_the_reference_as_the_base_model() -> None:
+    """precompute_ref_log_probs=True names its cache by a hash of the reference's state_dict: it must be the
+    base model's (a view hashing as nothing would reuse another model's reference log-probs)."""
+    from trl.trainer.utils import hash_module
+
+    for variant in ("lora", "pissa"):
+        assert hash_module(reference_model(_attached(variant))) == hash_module(tiny_llama())
+    assert hash_module(reference_model(_attached("lora", model=tiny_llama(seed=1)))) != hash_module(tiny_llama())
+
+
 def test_deepcopy_of_a_reference_is_a_reference_of_the_copy() -> None:
     model = _attached("lora")
     ref = copy.deepcopy(reference_model(model))

@@ -39,6 +39,9 @@ def reference_model(model: nn.Module) -> nn.Module:
     Made for `DPOTrainer(model=model, ref_model=ll.reference_model(model))` (TRL; also KTO-style trainers
     that take a reference): no second copy of the weights, for every variant. See `ReferenceModel` for what
     the view does and does not share with the model.
+
+    The reference is the model with its adapter off. To continue from an SFT adapter (DPO after SFT, with the
+    SFT model as the reference), fold it in first: `ll.merge(model)`, then attach the DPO adapter.
     """
     if not isinstance(model, nn.Module):
         raise AdapterError(f"ll.reference_model: model must be a torch.nn.Module, got {type(model).__name__}")
