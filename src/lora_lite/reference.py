@@ -85,11 +85,12 @@ class ReferenceModel(nn.Module):
     - With gradient checkpointing, run the reference under `torch.no_grad()` (TRL does; see README,
       "Gradient checkpointing"). The reference's default eval mode also turns checkpointing off for its pass.
     - pissa/antipasto: `ll.disabled` keeps a dense copy of each rewritten layer's original weight after its
-      first use (one weight per targeted layer, not a model copy); `keep_original=False` adapters cannot
-      have a reference.
+      first use (one weight per targeted layer: with every projection targeted, close to the size of those
+      layers); `keep_original=False` adapters cannot have a reference.
     - After `ll.detach` or `ll.merge` calls raise: the model no longer holds a base separate from the adapter.
-    - TRL's `sync_ref_model=True` (copy the policy into the reference every few steps) does nothing: there
-      are no reference weights to copy into. DeepSpeed and FSDP (`prepare_deepspeed`, `prepare_fsdp` of the
+    - TRL's `sync_ref_model=True` (mix the policy into the reference every few steps) has no reference
+      weights to write and fails at its first sync (TRL's "zip() argument 2 is longer than argument 1");
+      leave it off. DeepSpeed and FSDP (`prepare_deepspeed`, `prepare_fsdp` of the
       reference) are untested; tested: TRL 1.16 DPO in one process.
     """
 
@@ -111,8 +112,8 @@ class ReferenceModel(nn.Module):
         if not is_attached(self._ll_model):
             raise AdapterError(
                 "ll.reference_model: the model no longer has a lora-lite adapter (ll.detach or ll.merge since the "
-                "reference was made), so the base model is gone from it. Make the reference from a model with "
-                "the adapter attached, or load a fresh base model as the reference."
+                "reference was made), so there is no adapter to switch off (after ll.merge the weights hold it). "
+                "Make the reference again after ll.attach / ll.load, or load a separate base model as the reference."
             )
         with disabled(self._ll_model), _mode(self._ll_target, self._ll_top.training):
             yield
