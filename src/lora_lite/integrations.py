@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .adapter import AdapterError, adapter_state_dict, save
+from .errors import AdapterError
+from .io import save
+from .named import adapter_state_dict
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback

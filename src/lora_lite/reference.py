@@ -29,7 +29,9 @@ from typing import Any
 
 from torch import nn
 
-from .adapter import _LAYER, AdapterError, is_attached, original_weight, require_original, targets
+from . import guards, original
+from .errors import AdapterError
+from .named import is_attached, model_state
 from .steer import disabled
 
 
@@ -53,8 +55,9 @@ def reference_model(model: nn.Module) -> nn.Module:
             "switch to (the reference would be the model being trained). Call ll.attach(model, cfg) or ll.load "
             "first, then ll.reference_model(model)."
         )
-    for layer in targets(model).values():
-        require_original(layer, "ll.reference_model (the base model)")
+    for info in model_state(model).adapters.values():
+        for a in info.layers.values():
+            guards.require_original(a._lora_lite, "ll.reference_model (the base model)")
     return ReferenceModel(model)
 
 
@@ -133,8 +136,9 @@ class ReferenceModel(nn.Module):
         if target is None or name.startswith("__") or name.startswith("_ll_"):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         value = getattr(target, name)
-        if name == "weight" and _rewritten(target):
-            return original_weight(target)  # pissa/antipasto: layer.weight holds the residual
+        rewriting = _rewriting(target) if name == "weight" else None
+        if rewriting is not None:
+            return original.original_weight(rewriting)  # pissa/antipasto: layer.weight holds the residual
         return self._ll_wrap(value)
 
     def _ll_wrap(self, value: Any) -> Any:
@@ -202,10 +206,14 @@ class ReferenceModel(nn.Module):
         return f"{target}{of}, lora-lite adapter off"
 
 
-def _rewritten(layer: nn.Module) -> bool:
-    """A layer whose `weight` pissa/antipasto replaced by a residual (and which keeps the original)."""
-    st = getattr(layer, _LAYER, None)  # (attached with keep_original=False: original_weight raises, naming the fix)
-    return st is not None and (st.original is not None or st.original_dropped)
+def _rewriting(layer: nn.Module) -> nn.Module | None:
+    """The pissa/antipasto adapter that replaced this layer's `weight` by a residual, if any (attached with
+    keep_original=False: original_weight raises, naming the fix)."""
+    stack = layer._modules.get("lora_lite")
+    for a in [] if stack is None else stack.values():
+        if a._lora_lite.original is not None or a._lora_lite.original_dropped:
+            return a
+    return None
 
 
 @contextmanager
