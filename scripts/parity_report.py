@@ -1,14 +1,14 @@
-"""Render the README section "Verified against peft X.Y.Z" from an actual run of tests/test_parity_peft.py.
+"""Render the section "Verified against peft X.Y.Z" of docs/peft-parity.md from an actual run of tests/test_parity_peft.py.
 
-    python scripts/parity_report.py              # run the parity tests (slow ones included), rewrite the README section
+    python scripts/parity_report.py              # run the parity tests (slow ones included), rewrite that section
     python scripts/parity_report.py --fast       # only the default (non-slow) subset: no MiniLM rows
     python scripts/parity_report.py --json F     # render from an existing record file, do not run pytest
-    python scripts/parity_report.py --print      # print the section instead of writing README.md
+    python scripts/parity_report.py --print      # print the section instead of writing the page
     python scripts/parity_report.py --save F     # keep the JSON records of the run in F
 
 The tests append one JSON line per (variant, model) to $LORA_LITE_PARITY_JSON; this script sets it to a temporary
-file, runs pytest, and replaces everything between `<!-- parity:start -->` and `<!-- parity:end -->` in README.md
-(appending the section if the markers are missing). If pytest fails, the README is left alone (exit status of
+file, runs pytest, and replaces everything between `<!-- parity:start -->` and `<!-- parity:end -->` in docs/peft-parity.md
+(appending the section if the markers are missing). If pytest fails, the page is left alone (exit status of
 pytest), unless --force.
 """
 
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+README = ROOT / "docs" / "peft-parity.md"  # the page that holds the parity table
 TEST = "tests/test_parity_peft.py"
 START, END = "<!-- parity:start -->", "<!-- parity:end -->"
 
