@@ -254,3 +254,43 @@ def test_summary_shows_every_adapter() -> None:
     text = ll.summary(m)
     assert "'a' inactive: variant=lora" in text and "'b' active: variant=ia3" in text
     assert json.dumps(ll.adapters(m)) == '["a", "b"]'
+
+
+def test_fp16_adapter_warns() -> None:
+    with pytest.warns(UserWarning, match=r"dtype=torch.float16 .*AdamW.*bfloat16 or torch.float32"):
+        ll.attach(Toy(), ll.LoraLiteConfig(dtype=torch.float16, target_roles=ROLES))
+
+
+def test_eva_takes_one_batch_tensor_as_calibration_data() -> None:
+    a, b = Toy(), Toy()
+    ll.attach(a, _cfg("eva"), calibration_data=CALIB[0])
+    ll.attach(b, _cfg("eva"), calibration_data=[CALIB[0]])
+    assert all(torch.equal(v, ll.adapter_state_dict(b)[k]) for k, v in ll.adapter_state_dict(a).items())
+
+
+def test_target_error_groups_blocks() -> None:
+    from _models import tiny_llama
+
+    with pytest.raises(ll.TargetError, match=r"model\.layers\.\{0\.\.1\}\.self_attn\.q_proj  inner"):
+        ll.attach(tiny_llama(), ll.LoraLiteConfig(target_names=("nothing_matches",)))
+
+
+def test_a_layer_whose_hook_never_runs_is_reported() -> None:
+    m = Toy()
+    _attach(m, "lora", "a")
+
+    def fused(x):  # reads layers.1.q's weight directly, as a fused kernel does: its hook never runs
+        x = m.layers[0](x)
+        return torch.nn.functional.linear(x, m.layers[1].q.weight) + m.layers[1].down(torch.relu(m.layers[1].up(x)))
+
+    with pytest.warns(UserWarning, match=r"never ran.*\['layers\.1\.q'\].*fused kernel"):
+        fused(X).square().sum().backward()
+    assert "hooks not run since attach: layers.1.q (a)" in ll.summary(m)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(X).square().sum().backward()  # once only
+        m2 = Toy()
+        _attach(m2, "lora", "a")
+        m2(X).square().sum().backward()  # every hook ran: no warning

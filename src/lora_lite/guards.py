@@ -167,6 +167,45 @@ def stop_cpu_repacking(model: nn.Module, saved: dict[nn.Module, bool]) -> None:
         )
 
 
+def warn_fp16(cfg: LoraLiteConfig) -> None:
+    """An fp16 adapter trained with AdamW turns NaN within a step or two (eps = 1e-8 underflows to 0 in fp16, so a
+    zero second moment divides by zero). (tests/test_named.py::test_fp16_adapter_warns)"""
+    if cfg.dtype == torch.float16:
+        warnings.warn(
+            "dtype=torch.float16 for the adapter tensors: training them with AdamW turns them NaN within a step or "
+            "two (its eps=1e-8 underflows in fp16). Use dtype=torch.bfloat16 or torch.float32 for the adapter (an "
+            "fp16 base model is fine: the adapter math runs in the adapter's dtype).",
+            stacklevel=3,
+        )
+
+
+def watch_unrun_hooks(layers: dict[str, Any], handles: list) -> None:
+    """A targeted layer whose hook never runs (its weight consumed directly by a fused kernel: TRL's fused LM head,
+    Liger kernels) leaves its adapter untrained in silence. At the first backward in which this adapter's tensors
+    get gradients, warn once naming every layer of it whose hook has not run since attach; then the gradient
+    hooks are removed (no cost afterwards). (tests/test_named.py::test_a_layer_whose_hook_never_runs_is_reported)"""
+
+    def check(_: torch.Tensor) -> None:
+        if not handles:
+            return
+        for h in handles:
+            h.remove()
+        handles.clear()
+        dead = [n for n, a in layers.items() if not a._lora_lite.ran]
+        if dead:
+            warnings.warn(
+                f"lora-lite: the hooks of {len(dead)} adapted layer(s) never ran although the adapter is training: "
+                f"{dead[:8]}{' ...' if len(dead) > 8 else ''}. Their adapter tensors get no gradient: something uses "
+                "these layers' weights directly without calling the layers (a fused kernel, e.g. TRL's fused LM head "
+                "or Liger kernels). Exclude these layers (exclude_names) or turn the fused kernel off.",
+                stacklevel=2,
+            )
+
+    for a in layers.values():
+        for p in a._lora_lite.trainable:
+            handles.append(getattr(a, p).register_post_accumulate_grad_hook(check))
+
+
 # ---------------------------------------------------------------- hooks (every call)
 
 

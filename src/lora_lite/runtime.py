@@ -63,6 +63,7 @@ def attach(
         raise ConfigError(f"cfg must be a ll.LoraLiteConfig, got {type(cfg).__name__}")
     cfg.__post_init__()  # re-validate: the dataclass may have been mutated since construction
     guards.check_name(name, adapters(model))
+    guards.warn_fp16(cfg)
     _check_owned(model)
     targets = plan(model, cfg, name)
     state = getattr(model, STATE, None)
@@ -83,6 +84,7 @@ def attach(
         set_trainable(model)
         for a in info.layers.values():
             _rehook(a._base)
+        guards.watch_unrun_hooks(info.layers, info.watch)
     except BaseException:
         _remove(model, name)
         raise
@@ -172,6 +174,7 @@ def _input_hook(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[
             if seen is not None:
                 seen[id(a)] = x
         elif st.active and st.enabled:
+            st.ran = True
             dtype = guards.adapter_dtype(a, x)  # x is also the base path: an adapter dtype narrower than x rounds it
             xa = x if x.dtype == dtype else x.to(dtype)
             out = st.variant.forward_input(a, xa) if st.coef == 1.0 else st.variant.scaled_forward_input(a, xa, st.coef)
@@ -193,6 +196,7 @@ def _output_hook(layer: nn.Module, args: tuple, kwargs: dict[str, Any], y: Any) 
         st = a._lora_lite
         if not (st.active and st.enabled):
             continue
+        st.ran = True
         if first:
             guards.check_output(layer, y, st.name)
         if seen is not None:
@@ -237,6 +241,8 @@ def _remove(model: nn.Module, name: str) -> None:
     model = unwrap(model)
     state: ModelState = getattr(model, STATE)
     info = state.adapters.pop(name)
+    for h in info.watch:
+        h.remove()
     for a in info.layers.values():
         original.restore(a)
         layer = a._base

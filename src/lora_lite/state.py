@@ -53,6 +53,7 @@ class AdapterState:
     active: bool = True  # ll.set_active
     enabled: bool = True  # False inside ll.disabled
     coef: float = 1.0  # steering coefficient (ll.scaled)
+    ran: bool = False  # its hook has run since attach (guards.watch_unrun_hooks)
     writable: torch.Tensor | None = None  # during a hook call: the base output, if safe to update in place
     cache: dict[str, Any] = field(default_factory=dict)  # variant-private, never saved (e.g. frozen norms)
 
@@ -121,6 +122,7 @@ class AdapterInfo:
     cfg: LoraLiteConfig
     layers: dict[str, LayerAdapter]  # layer name -> this adapter's module on it
     active: bool = True
+    watch: list = field(default_factory=list)  # gradient-hook handles of guards.watch_unrun_hooks
 
 
 @dataclass

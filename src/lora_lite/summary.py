@@ -95,5 +95,9 @@ def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
                 f"{name!r}: original weights not kept (keep_original=False): ll.detach, ll.disabled, and for pissa "
                 "ll.scaled (c != 1) and ll.export_peft raise; ll.merge works"
             )
+    if attached:
+        unrun = [f"{n} ({a})" for n, a, *_ in rows if not model_state(model).adapters[a].layers[n]._lora_lite.ran]
+        if unrun:
+            lines.append(f"hooks not run since attach: {', '.join(unrun[:8])}{' ...' if len(unrun) > 8 else ''}")
     lines.append(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4g}%)")
     return "\n".join(lines)

@@ -196,6 +196,32 @@ def module_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+def grouped(modules: list[tuple[str, nn.Module, str]]) -> list[str]:
+    """'name  role  d_in->d_out' per module, one line per block pattern: `model.layers.{0..31}.mlp.up_proj`."""
+    groups: dict[tuple, list[int]] = {}
+    for n, m, role in modules:
+        found = list(_BLOCK_RE.finditer(n))
+        if found:
+            i = found[-1].start(1)
+            key = (n[:i], n[i + len(found[-1].group(1)) :], role, dims(m))
+            groups.setdefault(key, []).append(int(found[-1].group(1)))
+        else:
+            groups.setdefault((n, None, role, dims(m)), [])
+    out = []
+    for (head, tail, role, (d_in, d_out)), idx in groups.items():
+        if tail is None:
+            name = head
+        else:
+            span = (
+                f"{idx[0]}..{idx[-1]}"
+                if idx == list(range(idx[0], idx[-1] + 1)) and len(idx) > 1
+                else ",".join(map(str, idx))
+            )
+            name = f"{head}{{{span}}}{tail}" if len(idx) > 1 else f"{head}{idx[0]}{tail}"
+        out.append(f"{name}  {role}  {d_in}->{d_out}")
+    return out
+
+
 def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[tuple[str, nn.Module, str]]:
     """(name, module, role) of every linear-like module that passes the config's filters.
 
@@ -225,8 +251,9 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[tuple[str, nn.Mo
             continue
         out.append((name, m, role))
     if not out:
-        listing = "\n".join(f"  {n}  {role}  {dims(m)[0]}->{dims(m)[1]}" for n, m, role in everything[:60])
-        more = f"\n  ... and {len(everything) - 60} more" if len(everything) > 60 else ""
+        rows = grouped(everything)
+        listing = "\n".join(f"  {row}" for row in rows[:60])
+        more = f"\n  ... and {len(rows) - 60} more" if len(rows) > 60 else ""
         raise TargetError(
             f"no module matched target_roles={cfg.target_roles} target_names={cfg.target_names} "
             f"exclude_names={cfg.exclude_names} layers={cfg.layers}. "

@@ -4,36 +4,21 @@
          A: (r, d_in), B: (d_out, r), λ: () trainable, wnorm: (d_in,) frozen buffer
          ‖A_i‖ = norm of row i of A, ‖B_i‖ = norm of column i of B, each clamped at min 1e-4
 
-i.e. ΔW = B Ξ A diag(wnorm), Ξ = diag(λ/r / (‖A_i‖‖B_i‖)): B Ξ A is a sum of r rank-1 terms of
-norm λ/r each, so ‖B Ξ A‖_F ≤ λ: the "strength" λ is decoupled from the "angles" (A, B). The norms
-are NOT detached (gradients flow through them, as in peft); `clamp` stops their gradient only
-while a norm is below 1e-4 (B = 0 at init).
+i.e. ΔW = B Ξ A diag(wnorm), Ξ = diag(λ/r / (‖A_i‖‖B_i‖)), so ‖B Ξ A‖_F ≤ λ: the "strength" λ is
+decoupled from the "angles" (A, B). The norms are NOT detached (as in peft).
 
-Init (peft `reset_delora_parameters`, delora/layer.py:128-154): A kaiming-uniform(a=√5), B = 0,
-λ = variant_kwargs["delora_lambda"] (default 15, peft's default), wnorm = ‖W_{:,j}‖ column norms of
-the (d_out, d_in) weight (`norm(W, dim=0)`; dequantized / un-transposed through `dense_weight`).
-Identity at init: B = 0 makes the update exactly zero.
-Gradients: step 1: B gets a (large: 1/‖B_i‖ is clamped at 1e4) non-zero gradient, A and λ get
-exactly zero (everything they touch is multiplied by B = 0). Step 2: B ≠ 0, so A and λ get
-gradients. λ must be non-zero: with λ = 0 (the original project's choice) A and B never move.
-
-Alternative not implemented: the paper (§3, "initialization") keeps B random too and subtracts a
-frozen copy of the initial update, W' = W + ΔW(A, B, λ) − ΔW(A₀, B₀, λ₀), which is identity at init
-with all tensors live from step 1 at the cost of a frozen copy of A, B. peft (and we) use B = 0.
-
-Checked against peft 0.21.2 `peft/tuners/delora/layer.py`: `_compute_delta` 63-73, `update_layer`
-88-126, `reset_delora_parameters` 128-154, `DeloraLinear.forward` 226-267 (same op order:
-`(lambda / r) / (An * Bn)` at 255). Deviations: peft scales the input, (x ⊙ wnorm) Aᵀ; we fold wnorm
-into A, x (A diag(wnorm))ᵀ: the same product in another rounding order (relative difference ~1e-7 in
-fp32), without a (…, d_in) temporary and its backward multiply on every call (the benchmark's extra
-peak memory over the frozen base drops from 68.9 to 37.4 MiB, peft's is 68.9). The adapter math runs in
-at least fp32, so float16 adapters work (peft computes in float16 and silently produces NaN: at init
-1/‖B_i‖ is clamped at 1e4, and λ/r·1e4·… overflows). λ is a 0-d tensor (peft: shape (1,)); wnorm is
-kept in `cfg.dtype` (peft: the base weight's dtype); Conv1D and quantized bases are accepted (peft:
-nn.Linear only).
+Init: A kaiming-uniform(a=√5), B = 0, λ = variant_kwargs["delora_lambda"] (default 15, peft's),
+wnorm = column norms ‖W_{:,j}‖ of the (d_out, d_in) weight. Identity at init: B = 0 makes the update
+exactly zero. Step 1: B gets a gradient, A and λ exactly zero; step 2: all. λ must be non-zero.
 
 Merge (`ll.merge`): W_eff = W + B Ξ A diag(wnorm), bias unchanged.
 Steering (`ll.scaled(model, c)`): y + c·ΔW x, the update scaled by c (the same as λ → c·λ).
+
+Checked against peft 0.21.2 `peft/tuners/delora/layer.py`. Deviations: wnorm folded into A (same
+product, another rounding order, less memory); math in at least fp32 (peft's float16 gives NaN);
+Conv1D and quantized bases accepted.
+
+Notes: docs/variants/delora.md.
 """
 
 from __future__ import annotations

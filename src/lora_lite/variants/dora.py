@@ -1,63 +1,25 @@
 """DoRA. Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv 2402.09353.
 
-    V  = W + s·B A                                   W: (d_out, d_in), A: (r, d_in), B: (d_out, r)
-    g  = m / sg(‖V‖_row)                             m: (d_out,), sg = stop-gradient (paper §4.3, peft)
-    y' = b + g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ)                the bias b is NOT scaled
+    V  = W + s·B A                     W: (d_out, d_in), A: (r, d_in), B: (d_out, r)
+    g  = m / sg(‖V‖_row)               m: (d_out,), sg = stop-gradient (paper §4.3, peft)
+    y' = b + g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ)  the bias b is NOT scaled
+       = y + (g − 1) ⊙ (y − b) + g ⊙ s·(drop(x) Aᵀ) Bᵀ   (as peft, on the base output y = x Wᵀ + b;
+         with dropout active, (y − b) is recomputed as drop(x) Wᵀ, as peft)
 
-computed as peft does, as a correction added to the base output y = x Wᵀ + b:
+‖V‖_row is computed in fp32 without forming V: cached ‖W‖²_row plus terms in W Aᵀ (`weight_norm`).
+Init: A kaiming-uniform(a=√5), B = 0, m = ‖W‖_row (sqrt of the same cached ‖W‖²_row). Identity: with
+B = 0 the forward's norm is bit-identical to m, so g == 1 exactly and y' == y bit for bit. Step 1:
+m and B get non-zero gradients; A from step 2. Quantized bases: W dequantized; Conv1D: (d_out, d_in) view.
 
-    y' = y + (g − 1) ⊙ (y − b) + g ⊙ s·(drop(x) Aᵀ) Bᵀ
+Merge (`ll.merge`): W_eff = (m / ‖V‖_row)[:, None] · V (the dense norm), bias unchanged.
+Steering (`ll.scaled(model, c)`): y + c·(y' − y), i.e. W + c·(W_eff − W); c = 0 is the base model
+(scaling only s·B A by c would leave the trained m in place at c = 0).
 
-or, with no active dropout, as the equivalent
+Checked against peft 0.21.2 `peft/tuners/lora/dora.py` and `peft/tuners/lora/variants.py`
+(`DoraLinearVariant.forward`). Deviations: the norm formula (same value to rounding), computed in fp32
+(peft: x's dtype), with ‖W‖²_row cached.
 
-    z  = y + s·(x Aᵀ) Bᵀ                             one addmm, in place on y when nothing else holds it
-    y' = (1 − g) ⊙ b + g ⊙ z                         one addcmul (y' = g ⊙ z without bias)
-
-(two passes over the output instead of five; the same value to float rounding, and still exactly y at
-init, where g = 1 and B = 0, so z = y and (1 − g) ⊙ b = 0).
-
-Dropout (peft `DoraLinearVariant.forward`, lora/variants.py:230-257): when dropout is active
-(training and p > 0) peft feeds the *dropped* input to the whole DoRA term, so the base part of the
-correction is recomputed as drop(x) Wᵀ instead of taken from y:
-
-    y' = y + (g − 1) ⊙ drop(x) Wᵀ + g ⊙ s·(drop(x) Aᵀ) Bᵀ
-
-We do the same (one extra base matmul, training with dropout only). In eval or with p = 0 the base
-part comes for free from the hook's y.
-
-Row norm without materialising V (d_out × d_in) every call:
-
-    ‖V‖²_row = ‖W‖²_row + 2s·rowsum(B ⊙ (W Aᵀ)) + s²·rowsum((B (A Aᵀ)) ⊙ B)
-
-‖W‖²_row is cached per layer (`layer._lora_lite.cache`, never saved: recomputed on attach/load and
-whenever the weight changes, see `_w_sq`); W Aᵀ (d_out × r) is one thin matmul against the stored weight (dense bases) or the
-dequantized weight (bitsandbytes bases, as peft dequantizes every forward). Everything under
-no_grad since the norm is detached. It equals peft's `linalg.norm(W + s·BA, dim=1)` to fp32 rounding
-(relative error ~ eps·‖W‖²/‖V‖²; only catastrophic if a row of V is ~0, where DoRA is singular anyway).
-Measured (CPU, 1 thread, r=8, best of 15): d=512: 0.23 ms vs 1.3 ms forming V vs 2.2 ms for peft's
-eye-matmul; d=2048: 2.3 ms vs 20 ms vs 130 ms; max relative difference to the dense norm 2.3e-7.
-
-Init (peft `DoraLinearLayer.update_layer`, lora/dora.py:101-130): A kaiming-uniform(a=√5), B = 0,
-m = ‖W‖_row. Here m = sqrt(cached ‖W‖²_row), so with B = 0 the forward computes the bit-identical
-norm, g == 1 exactly, (g − 1) = 0 and the output equals y bit for bit.
-Gradients: step 1: m gets (y − b) ⊙ dL/dy' ≠ 0 and B gets the LoRA gradient (x Aᵀ ≠ 0); A from step 2.
-
-Quantized bases (bitsandbytes 4/8-bit): supported; ‖W‖ and W Aᵀ use `dense_weight` (dequantized).
-GPT-2 Conv1D: row norms of the (d_out, d_in) view. Bias None: b = 0.
-
-Checked against peft 0.21.2 `peft/tuners/lora/dora.py` (`get_weight_norm` 85-91, `update_layer`
-101-130, `forward` 132-166: norm detached at 152, `(mag_norm_scale - 1) * base_result +
-mag_norm_scale * lora_result * scaling` at 165) and `peft/tuners/lora/variants.py`
-(`DoraLinearVariant.forward` 230-257, dropout handling 242-246).
-Deviations: the norm formula above (same value to rounding, no d_out × d_in temporary); the norm is
-computed in fp32 (fp64 for fp64 adapters) whatever `cfg.dtype` (peft: in x's dtype). ‖W‖²_row is cached, keyed on the
-weight tensor (a weak reference and its address), its version counter and dtype: a cast, a move, an in-place write
-of the base weight, or a weight recomputed on each access (`parametrize`, `functional_call`) recomputes it.
-
-Merge (`ll.merge`): W_eff = (m / ‖V‖_row)[:, None] · V with V = W + s·B A (the dense norm), bias unchanged.
-Steering (`ll.scaled(model, c)`): y + c·(y' − y), i.e. the effective weight moves linearly from W (c = 0)
-to W_eff (c = 1): W + c·(W_eff − W). (Scaling only s·B A by c would leave the magnitude m trained at
-c = 0, which is not the base model.)
+Notes: docs/variants/dora.md.
 """
 
 from __future__ import annotations
@@ -89,18 +51,13 @@ def _norm_dtype(layer: nn.Module) -> torch.dtype:
 
 
 def _w_sq(layer: nn.Module) -> torch.Tensor:
-    """Cached ‖W‖²_row ((d_out,), `_norm_dtype`), recomputed whenever the weight is not the one it was computed
-    from: another tensor (`model.to(dtype/device)`), written in place since (its version counter moved: e.g.
-    `load_state_dict` of a full checkpoint), or another norm dtype."""
+    """Cached ‖W‖²_row ((d_out,), `_norm_dtype`), recomputed whenever W changed (docs/variants/dora.md)."""
     cache, w = layer._lora_lite.cache, layer.weight
-    # Uncached under torch.compile (dynamo cannot key on data pointers; a cached value went stale after a
-    # load_state_dict, 1e-1 off) and torch.func (wrapped tensors, no storage to key on): one pass over W.
+    # Uncached under torch.compile and torch.func (no data pointers to key on): one pass over W.
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         W = dense_weight(layer, _norm_dtype(layer))
         return (W * W).sum(1)
-    # The tensor itself (a weak reference), not just its address: a weight recomputed on every access
-    # (torch.nn.utils.parametrize, torch.func.functional_call with a new tensor) can land at the freed
-    # address of the last one with version 0, and the cached norm would then be silently stale.
+    # Keyed on the tensor itself (weak ref), not just its address: a recomputed weight can reuse a freed one's.
     key = (w.data_ptr(), w._version, w.dtype, w.device, _norm_dtype(layer))
     ref = cache.get("w_sq_ref")
     if cache.get("w_sq_key") != key or ref is None or ref() is not w:

@@ -175,6 +175,8 @@ class EVA(Variant):
                 "eva needs calibration_data=... at attach: a DataLoader or iterable of batches (tensors, or dicts "
                 "with input_ids and optionally attention_mask/labels). ll.load needs none."
             )
+        if isinstance(calibration_data, (torch.Tensor, Mapping)):  # one batch given as such
+            calibration_data = [calibration_data]
         kw = cfg.variant_kwargs
         r = cfg.r
         for name, layer, _ in targets:

@@ -3,42 +3,23 @@ Reflection Adaptation", arXiv 2405.17484.
 
     y' = W (H_1 H_2 … H_r x) + b,     H_i = I − 2 u_i u_iᵀ / ‖u_i‖²,     U = [u_1; …; u_r]: (r, d_in)
 
-(peft's order: `get_delta_weight` builds Q = H_1 H_2 … H_r by right-multiplication and uses W Q, so
-H_r touches x first.) A pre-hook replaces x by Q x; the base layer does the rest, so any base works,
-quantized or Conv1D, and its weight is never read. Q is never built: with Y the normalised rows of
-U, the compact WY form of a Householder product (Schreiber & Van Loan 1989; T⁻¹ as in Joffrain et
-al. 2006, "Accumulating Householder transformations, revisited") gives
+(peft's order: Q = H_1 … H_r, W Q, so H_r touches x first.) A pre-hook replaces x by Q x, so any base
+works (quantized, Conv1D). Q is never built: compact WY form, Q = I − Yᵀ T Y with Y the normalised rows
+of U, T⁻¹ = ½ I + striu(Y Yᵀ) (r × r): two thin matmuls and an r × r triangular solve per call.
+apply_GS (variant_kwargs, default False, as peft): Gram-Schmidt on u_1 … u_r; random init, not identity.
 
-    Q = I − Yᵀ T Y,     T⁻¹ = ½ I + striu(Y Yᵀ)   (r × r upper triangular)
-    x' = x − ((x Yᵀ) Tᵀ) Y = x − (x Zᵀ) Y,    Z = T Y = solve(T⁻¹, Y)    (row-vector convention, x: (…, d_in))
+Init (as peft): kaiming-uniform(a=√5) on r/2 vectors, each repeated in two adjacent slots (u_1 = u_2, …).
+Identity at init: H_i H_i = I, so Q = I up to fp32 rounding (~r·eps, not bit-exact); every u_i gets a
+gradient on step 1. r must be even: an unpaired reflection has determinant −1.
 
-two thin matmuls per call plus an r × r triangular solve. Measured on CPU (2 threads, tokens=1024,
-d_in=512, r=8): WY 2.9 ms forward / 6.1 ms forward+backward, r sequential rank-1 reflections
-7.4 ms / 470 ms, peft's dense d_in × d_in product 14.7 ms / 42 ms.
+Merge (`ll.merge`): W_eff = W Q, Q built densely (d_in × d_in, once), bias unchanged.
+Steering (`ll.scaled(model, c)`): x → x + c·(Q x − x), i.e. W_eff(c) = W ((1 − c) I + c Q): c = 0 is the
+base model, c = 1 the adapter (a linear interpolation, not a fractional rotation Q^c).
 
-apply_GS (variant_kwargs, default False, peft's `apply_GS`): modified Gram-Schmidt on u_1 … u_r in
-order (exactly peft's loop) gives orthonormal q_i and Q = I − 2 Σ q_i q_iᵀ, applied as
-x' = x − 2 (x Qᵣᵀ) Qᵣ. This is NOT identity at init (reflections in orthonormal directions never
-cancel). Deviation from peft: with apply_GS we init U randomly (peft's `reset_hra_parameters_random`),
-not symmetrically: GS of two identical vectors is 0/0, which peft turns into normalised rounding
-noise or NaN depending on rounding order.
+Checked against peft 0.21.2 `peft/tuners/hra/layer.py` (hra_u is (d_in, r): lora_U = hra_uᵀ).
+Deviations: no dropout (raises), odd r raises (peft warns, random init), W (Q x) instead of (W Q) x.
 
-Init (peft `reset_hra_parameters`, hra/layer.py:107-115): kaiming-uniform(a=√5) on a (d_in, r/2)
-tensor (so the bound is 1/√(r/2), same RNG draws as peft), each vector repeated in two adjacent
-slots: u_1 = u_2, u_3 = u_4, … Identity at init: H_i H_i = I, so Q = I up to fp32 rounding (the WY
-terms of a pair cancel to ~r·eps; not bit-exact). Gradient: dQ/du_i ≠ 0 at a cancelling pair
-(d(H(u+ε)H(u)) ≠ 0), so every u_i gets a gradient on step 1. r must be even (odd r: ConfigError),
-because an unpaired reflection has determinant −1 and cannot be the identity.
-
-Checked against peft 0.21.2 `peft/tuners/hra/layer.py`: `update_layer` 54-105 (hra_u is (d_in, r):
-our lora_U = hra_uᵀ), `reset_hra_parameters` 107-115, `get_delta_weight` 215-243 (normalisation
-without eps at 232, GS at 221-229), `HRALinear.forward` 245-275. Deviations: peft has no dropout for
-HRA, so dropout > 0 raises (it would also drop the base path); odd r raises (peft warns and falls
-back to a random, non-identity init); W (Q x) instead of (W Q) x (same value to fp32 rounding).
-
-Merge (`ll.merge`): W_eff = W Q, Q built densely (d_in × d_in, once: merge is not the hot path), bias unchanged.
-Steering (`ll.scaled(model, c)`): x → x + c·(Q x − x), i.e. W_eff(c) = W ((1 − c) I + c Q): c = 0 is the base
-model, c = 1 the adapter; for other c this is a linear interpolation, not a fractional rotation (Q^c).
+Notes: docs/variants/hra.md.
 """
 
 from __future__ import annotations

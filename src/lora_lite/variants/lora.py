@@ -8,17 +8,15 @@ Init: A ~ kaiming-uniform(a=√5) (nn.Linear's default, as peft's init_lora_weig
 Identity at init: B = 0 makes the update exactly zero, so y' == y bit for bit; B gets a
 non-zero gradient (x Aᵀ ≠ 0) on step 1, A from step 2 on.
 
-Checked against peft 0.21.2 `peft/tuners/lora/layer.py`: `LoraLayer.update_layer` 219- (scaling and
-rslora at 278-281), `reset_lora_parameters` 332- (kaiming A at 338, zero B at 343), `Linear.forward`
-1074- (`result + lora_B(lora_A(dropout(x))) * scaling` at 1102).
-Deviation: none in the math. We apply s to the r-dim intermediate h = s·(x Aᵀ) and add h Bᵀ to y
-in one fused addmm (`add_lowrank`, in place on the base output y when nothing else can hold it), where
-peft makes B(A x), multiplies the (…, d_out) result by s and adds it: same value to float rounding, three
-fewer passes over the output (forward and backward).
-
 Merge (`ll.merge`): W_eff = W + s·B A, bias unchanged.
 Steering (`ll.scaled(model, c)`): y + c·s·(x Aᵀ) Bᵀ, the update scaled by c (c = 0: the base model,
 c = 1: the adapter, c = −1: the opposite update).
+
+Checked against peft 0.21.2 `peft/tuners/lora/layer.py` (`LoraLayer.update_layer`, `reset_lora_parameters`,
+`Linear.forward`). Deviation: none in the math; s is applied to the r-dim side and y + h Bᵀ is one fused
+addmm (same value to float rounding).
+
+Notes: docs/variants/lora.md.
 """
 
 from __future__ import annotations

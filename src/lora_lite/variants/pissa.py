@@ -7,42 +7,21 @@ Language Models", arXiv 2404.02948.
     W_res = W − s · B A                 written back into layer.weight
     y' = x W_resᵀ + b + s · (drop(x) Aᵀ) Bᵀ       (LoRA's forward, on top of W_res: `LoRA.forward`)
 
-Why divide S_r by s: then s·B A = U_r S_r V_rᵀ for ANY alpha, so W_res is the true residual of the
-top-r principal part and the adapter starts on the principal subspace with the same magnitude
-whatever alpha is (the original lora-lite only matched peft when alpha == r).
-
-Identity at init: W_res + s·B A = W up to fp32 rounding (W_res is computed from the stored A, B, so
-only the subtraction and the two forward matmuls round). Gradients: A and B are both non-zero
-(√S' > 0 on the top-r directions of a non-degenerate W), so both get a gradient on step 1.
-
-`svd_niter` (variant_kwargs, int >= 0): peft's `init_lora_weights="pissa_niter_[k]"`, i.e.
-`torch.svd_lowrank(W, q=r, niter=k)` (Halko et al. randomized SVD) instead of the exact SVD.
-Deliberate difference from peft: we fork the CPU RNG, seed it (SVD_SEED = 0) inside init and run the
-randomized SVD on the CPU, so `ll.load` on a fresh base draws the same sketch and re-derives a
-bit-identical W_res (tested), the random factors do not depend on the device the model lives on, and
-the caller's RNG stream is untouched. peft draws from the global RNG on the weight's device, so its
-"pissa_niter" residual cannot be re-derived; given the same draw (peft's svd_lowrank seeded with
-SVD_SEED) its factors and W_res equal ours bit for bit (tested). Exact-SVD init: bit-exact with peft in
-fp32 (tested, alpha != r, with and without rslora).
-
-Requires a dense floating-point weight: quantized (bitsandbytes) or integer weights are refused by the
-runtime (`rewrites_weight`), as peft's pissa_init refuses them. peft's QPiSSA recipe (init in
-float, then quantize W_res) is not supported: load the base unquantized.
-GPT-2 Conv1D works: `dense_weight` / `set_dense_weight` handle its (d_in, d_out) storage.
-
-Checked against peft 0.21.2 `peft/tuners/lora/layer.py`: `pissa_init` lines 429-462 (fp32 SVD,
-`Sr /= self.scaling`, `lora_A = diag(√Sr) Uhr`, `lora_B = Vr diag(√Sr)`, `weight - scaling·B@A`),
-`update_layer` lines 278-281 (scaling, rslora), `svd_lowrank` import line 27.
-Deviations from the paper: the paper uses s = 1 (alpha = r); we follow peft and accept any alpha.
+Dividing S_r by s makes s·B A = U_r S_r V_rᵀ for any alpha (the paper uses alpha = r; we follow peft).
+Identity at init: W_res + s·B A = W up to fp32 rounding (W_res is computed from the stored A, B); A and
+B are both non-zero, so both get a gradient on step 1. `svd_niter` (variant_kwargs): peft's
+pissa_niter_[k] randomized SVD, seeded (SVD_SEED) on the CPU so `ll.load` re-derives W_res bit for bit.
+Needs a dense float weight (quantized bases refused); GPT-2 Conv1D works.
 
 Merge (`ll.merge`): W_eff = W_res + s·B A (lora's); it replaces the original weight, which is dropped.
-Steering (`ll.scaled(model, c)`): the base model is the ORIGINAL W (= W_res + s·B₀A₀ at init), not W_res,
-so c interpolates the layer output against it: y_c = y₀ + c·(y' − y₀), y₀ = x Wᵀ + b from the weight kept
-for detach, i.e. W_eff(c) = W + c·(W_res + s·B A − W) = W + c·s·(B A − B₀A₀). c = 0 is exactly the base
-layer, c = 1 the adapter. Cost when c ≠ 1: one extra base matmul per layer (c = 1 takes lora's path).
-peft export (`ll.export_peft`): a rank-2r LoRA against W, B' = [B, −B₀], A' = [A; A₀], alpha doubled
-(√2·alpha with rslora), as peft's `path_initial_model_for_weight_conversion` (peft_model.py 400-412,
-lora/model.py `subtract_mutated_init`); B₀A₀ = (W − W_res)/s, refactored by a rank-r SVD.
+Steering (`ll.scaled(model, c)`): y₀ + c·(y' − y₀), y₀ = x Wᵀ + b with the ORIGINAL W kept for detach,
+i.e. W + c·s·(B A − B₀A₀): c = 0 is exactly the base layer, c = 1 the adapter.
+peft export: rank 2r against W, B' = [B, −B₀], A' = [A; A₀], alpha doubled (√2·alpha with rslora).
+
+Checked against peft 0.21.2 `peft/tuners/lora/layer.py` (`pissa_init`, `update_layer`): bit-exact in
+fp32 for the exact SVD.
+
+Notes: docs/variants/pissa.md.
 """
 
 from __future__ import annotations
