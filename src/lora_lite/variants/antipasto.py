@@ -1,53 +1,24 @@
 """AntiPaSTO: SVD steering with learnable singular-value deltas and block-diagonal Cayley rotations.
 
-wassname's AntiPaSTO (github.com/wassname/AntiPaSTO, PyTorch/peft adapter `antipasto_adapter.py`, and the
-antipasto3 Flax SVD adapter `SVDSteeringLinear`). Not a peft method: there is no peft oracle. The Flax
-antipasto3 source was not retrievable here; we read the PyTorch AntiPaSTO adapter and the antipasto3
-fragments quoted in the original project's reviews (upper-triangle params, 0.5·(A − Aᵀ), tanh clamp,
-Cayley solve, r % block_size assert), and implemented the SPEC row from those.
+wassname's AntiPaSTO (github.com/wassname/AntiPaSTO: PyTorch adapter `antipasto_adapter.py`, antipasto3
+Flax `SVDSteeringLinear`). Not a peft method: there is no peft oracle.
 
     W = U diag(S) Vh + W_res            top-r SVD in fp32; W: (d_out, d_in), U: (d_out, r), Vh: (r, d_in)
     A_k = ½ (T_k − T_kᵀ)                T_k: (bs, bs), upper triangle = rot_T[k] (bs(bs−1)/2 numbers), k < r/bs
     A_k ← a · tanh(A_k / a)             a = 2 tan(max_angle / 2): element-wise soft clamp of the angle
     R_k = (I − c A_k/2)⁻¹ (I + c A_k/2) Cayley transform; R = blockdiag(R_1 … R_{r/bs}) ∈ SO(r)
-    Vh_rot = R Vh
-    y' = x W_resᵀ + b + ((x Vh_rotᵀ) ⊙ (S + c·δs)) Uᵀ
+    y' = x W_resᵀ + b + ((x (R Vh)ᵀ) ⊙ (S + c·δs)) Uᵀ
 
-Buffers (frozen, saved): lora_U, lora_S, lora_Vh. Trainable: lora_delta_s (r,) = δs, lora_rot_T
-(r/bs, bs(bs−1)/2). c is the steering coefficient of `ll.scaled` (layer._lora_lite.coef, 1 by default,
-the reference's `alpha`): Cayley gives R(−c) = R(c)⁻¹ exactly, so c = −1 is the inverse rotation and
-c = 0 is the base model. cfg.alpha is not used (there is no alpha/r scale in this variant).
+U, S, Vh: frozen saved buffers; trainable δs (r,), rot_T (r/bs, bs(bs−1)/2). variant_kwargs: block_size
+(bs, default min(r, 4), divides r), max_angle (default π/3). No alpha scale, no dropout, no quantized base.
+Init: δs = 0, rot_T = 0 ⇒ R = I and S + c·δs = S exactly, so y' = x Wᵀ + b up to fp32 rounding; both
+get gradients at the identity (Cayley: ∂R/∂A = I at A = 0). The reference's init is small-random instead.
 
-variant_kwargs:
-  block_size (int >= 2, default min(r, 4); r % block_size == 0 or ConfigError): size of the rotation
-    blocks. Each block rotates bs neighbouring top singular directions (similar singular values) among
-    themselves with bs(bs−1)/2 angles, r(bs−1)/2 in all: with bs = 4 that is 1.5·r rotation parameters
-    next to the r of δs, the same order as δs, and the Cayley solve is a batch of 4×4 systems.
-    bs = 1 would be an empty rotation (nothing to learn) and is refused.
-  max_angle (float in (0, π), default π/3 as the PyTorch reference; None: no clamp).
-
-Init and identity: δs = 0 and rot_T = 0 ⇒ A = 0 ⇒ R = solve(I, I) = I exactly and S + c·δs = S exactly,
-so the adapter adds exactly x Vhᵀ diag(S) Uᵀ and y' = x (W_res + U S Vh)ᵀ + b = x Wᵀ + b up to fp32
-rounding (W_res is computed from the stored U, S, Vh). Live gradients at the identity: ∂R/∂A = I at
-A = 0 (Cayley) and tanh'(0) = 1, so ∂L/∂rot_T[k, (i,j)] = ½(G_ij − G_ji) with G = ∂L/∂R_k, non-zero for
-generic data; ∂L/∂δs_i = Σ_tokens (x Vh_iᵀ)(g U_i) ≠ 0. No symmetry breaking is needed.
-Differences from the reference, and why:
-  - Zero init (exact identity, as the SPEC asks) instead of the reference's small random init
-    (δs ~ 4e-4 + 4e-4·truncnormal, rot_T ~ 1e-4·truncnormal). The reference needs the noise because its
-    contrastive loss compares c = +1 with c = −1, which coincide at exact zero; for ordinary losses the
-    gradients above are already non-zero. Set the tensors yourself after attach to reproduce it.
-  - Vh_rot = R Vh (SPEC), where the reference writes U_in @ R with U_in = Vhᵀ in Flax's (in, out)
-    layout, i.e. Vh_rot = Rᵀ Vh: the same family (Rᵀ = R(−A)), rot_T just has the opposite sign.
-  - No dropout (the adapter path carries the principal part of W: dropping it would perturb the base
-    model itself); cfg.dropout > 0 raises. W_res is kept in the base weight's dtype (the reference keeps
-    a bf16 copy next to the frozen weight; we overwrite layer.weight and restore it on detach).
-Quantized or integer base weights are refused (`rewrites_weight`): load the base unquantized.
-
-Steering (`ll.scaled(model, c)`): c is the coefficient above, read by `forward` from layer._lora_lite.coef:
-y_c = x W_resᵀ + b + ((x (R(c) Vh)ᵀ) ⊙ (S + c·δs)) Uᵀ with R(c) = Cayley(c·A). c = 0: R = I, δs off, exactly
-the base model (to the fp32 rounding of the W split); c = 1: the adapter; c = −1: R(−1) = R(1)⁻¹ = R(1)ᵀ, the
-exact inverse rotation, and −δs. Linear in c for δs, not for R (a rotation by c·A, not an interpolation).
+Steering (`ll.scaled(model, c)`): c = layer._lora_lite.coef (1 by default), read by `forward`: c = 0 is
+the base model, c = −1 the exact inverse rotation R(1)⁻¹ and −δs (linear in c for δs, not for R).
 Merge (`ll.merge`): W_eff = W_res + U diag(S + δs) (R Vh) at c = 1; it replaces the original weight.
+
+Notes: docs/variants/antipasto.md.
 """
 
 from __future__ import annotations
@@ -83,11 +54,7 @@ def _consts(bs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, 
 def rotation_blocks(
     rot_T: torch.Tensor, bs: int, max_angle: float | None, c: float = 1.0, consts: tuple | None = None
 ) -> torch.Tensor:
-    """R_k = Cayley(c · clamp(skew(rot_T[k]))) for every block k at once: (n_blocks, bs, bs), fp32 (fp64 for an
-    fp64 rot_T).
-
-    `consts`: the (rows, cols, eye) of `_consts(bs, device)`, cached by the caller.
-    """
+    """R_k = Cayley(c · clamp(skew(rot_T[k]))) for all k: (n_blocks, bs, bs), ≥ fp32; `consts`: cached `_consts`."""
     rows, cols, eye = consts if consts is not None else _consts(bs, rot_T.device)
     dt = torch.promote_types(rot_T.dtype, torch.float32)
     eye = eye.to(dt)

@@ -5,43 +5,23 @@ LoRA whose A is initialised from data: the top-r principal directions of each ta
 
     y' = y + s · (drop(x) Aᵀ) Bᵀ          exactly lora's forward (we call `LoRA.forward`)
     X  = the layer's inputs over the calibration data, one row per non-padding token: (n, d_in)
-    μ  = mean of the rows;  Xc = X − 1μᵀ            (peft's IncrementalPCA centres, incremental_pca.py L261-266)
-    Xc = U Σ Vᵀ  →  A = V_rᵀ  (top-r right singular vectors, largest first), B = 0
-    whiten=True:  A_i = V_i / √σ_i                  (peft eva.py L475-476: components / sqrt(singular_values))
+    Xc = X − 1μᵀ (μ: mean row) = U Σ Vᵀ  →  A = V_rᵀ (top-r, largest first): (r, d_in), B = 0: (d_out, r)
+    whiten=True:  A_i = V_i / √σ_i
 
-Computed exactly and in one streaming pass: per target we accumulate, in float64 over all batches,
-the scatter S = XᵀX, the sum Σx and the count n, then once
-    Xcᵀ Xc = S − (Σx)(Σx)ᵀ / n = V Σ² Vᵀ      (torch.linalg.eigh; σ_i = √λ_i)
-Memory is d_in² float64 per target (128 MiB at d_in = 4096). Signs follow peft's `_svd_flip(...,
-u_based_decision=False)` (incremental_pca.py L183-206, L284): the largest-|.| entry of each A row is positive.
+Computed exactly in one streaming pass: float64 S = XᵀX, Σx and n per target (d_in² memory), then
+eigh of Xcᵀ Xc = S − (Σx)(Σx)ᵀ / n; summed over ranks under torch.distributed. Padding (attention_mask)
+and label_mask_value labels are masked out, as peft.
 
-Relation to peft (0.21.2 `peft/tuners/lora/eva.py`, `peft/utils/incremental_pca.py`): peft feeds batches
-to an IncrementalPCA (eva.py L138-143: randomized `svd_lowrank`, q = 2r, niter 4; L155-158), cycling
-over the dataloader (L407-452) until the components' cosine similarity between steps exceeds tau (0.99),
-then takes the top components. That approximates the same centred top-r subspace that we compute
-exactly: with a clear gap after the r-th direction the two agree to principal-angle cosines > 0.999,
-same order and signs (tested). Without a gap peft's IncrementalPCA, which keeps only r components
-between batches, is itself inexact (on a random tiny Llama its 4th principal cosine with the exact PCA
-is ~0.4), so compare with peft only on data whose top-r subspace is well defined.
-Masking as peft (`prepare_model_inputs_fn_language_modeling` L241-254, `prepare_layer_inputs_fn_
-language_modeling` L282): rows where attention_mask == 0, and rows where labels == label_mask_value
-(-100) when `use_label_mask` (default True) and the batch has labels, are excluded.
-Rank: uniform r on every target, which equals peft with `rho=1.0` (eva.py L366-367: each layer's
-max_components = round(r·rho) = r and the budget is Σr, so the redistribution L302-314 gives every
-layer exactly r); peft's default rho=2.0 redistributes ranks, which we do not. peft's check that two
-layers see equal inputs (HashHook) is only a speed-up and is not done here. whiten scales by the singular
-values of all rows of one pass; peft's scale depends on how many rows it saw before converging.
+Identity at init: B = 0 makes the update exactly zero; A is trainable (as peft): B gets a gradient on
+step 1, A from step 2. `ll.load` needs no calibration data: A and B come from the file.
 
-Identity at init: B = 0 makes the update exactly zero. lora_A is a trainable Parameter (as in peft,
-unlike the original project, which froze it): B gets a gradient on step 1 (x Aᵀ ≠ 0), A from step 2.
-`ll.load` does not run `group_init` and needs no calibration data: A and B come from the file.
-Under torch.distributed, S, Σx and n are summed over ranks before the eigh (`_sum_over_ranks`): A is that
-of all ranks' calibration shards together, the same on every rank (tests/test_distributed.py).
+Merge, steering and peft export: exactly lora's (W + s·B A; `ll.scaled` scales the update by c; a plain
+peft LoRA).
 
-variant_kwargs: use_rslora (as lora), whiten (False), use_label_mask (True), label_mask_value (-100),
-show_progress_bar (True; tqdm if importable and stderr is a tty, silent otherwise).
+Checked against peft 0.21.2 `peft/tuners/lora/eva.py` and `peft/utils/incremental_pca.py`: peft's
+randomized IncrementalPCA approximates the subspace we compute exactly; uniform rank = peft's rho=1.0.
 
-Merge, steering and peft export: exactly lora's (W + s·B A; the update scaled by c; a plain peft LoRA).
+Notes: docs/variants/eva.md.
 """
 
 from __future__ import annotations
@@ -92,11 +72,7 @@ class _Scatter:
 
 
 def _sum_over_ranks(stats: dict[str, _Scatter]) -> None:
-    """Under torch.distributed (DDP, FSDP), sum XᵀX, Σx and n over all ranks before the PCA.
-
-    They are sums over rows, so A is then exactly that of all ranks' calibration data together: each rank
-    passes its own shard (as with a DistributedSampler), and every rank must call attach (a collective).
-    """
+    """Under torch.distributed, sum XᵀX, Σx and n over all ranks (a collective) before the PCA."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -194,10 +170,7 @@ class EVA(Variant):
 
         device = next(model.parameters()).device
         names = _forward_names(model)
-        modes = {m: m.training for m in model.modules()}  # restored per module (not model.train(flag), which
-        # would put a submodule the user had in eval mode back in training mode)
-        # (bitsandbytes' CPU repacking of 4-bit weights at an eval-mode no-grad forward, which would stop gradients
-        # through them for good, is already off: attach turns it off while the adapter is attached)
+        modes = {m: m.training for m in model.modules()}  # restored per module, not by model.train(flag)
         handles = [layer.base_layer.register_forward_hook(make_hook(n), with_kwargs=True) for n, layer, _ in targets]
         n_batches = 0
         try:
@@ -248,8 +221,7 @@ class EVA(Variant):
                     )
                 v, sigma = st.top(r)
                 if kw.get("whiten", False):
-                    # A direction with < 1e-6 of the top one's variance is rounding noise (fp32 inputs leave ~1e-8
-                    # in directions they do not span): whitening it would blow its row of A up > 1000x.
+                    # < 1e-6 of the top variance is rounding noise: whitening it would scale its row of A > 1000x
                     if bool((sigma <= 1e-6 * sigma[0].clamp_min(1e-300)).any()):
                         raise ConfigError(
                             f"{name}: whiten=True but this layer's calibration inputs span fewer than r={r} directions "

@@ -1,34 +1,17 @@
 """(IA)³. Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
 Learning", arXiv 2205.05638.
 
-Learned vectors rescale activations elementwise; two placements, as in the paper (keys/values on the
-output side, the feed-forward intermediate on the input side of the down projection):
-
     ia3     (output gate):  y' = y ⊙ g = (x Wᵀ + b) ⊙ g          g: (d_out,)   bias scaled too, as peft
     ia3_ff  (input gate):   y' = (x ⊙ g) Wᵀ + b                  g: (d_in,)    pre-hook, bias NOT scaled
 
-Init g = 1: both maps are exactly the identity at init, and g gets a non-zero gradient on step 1
-(∂L/∂g = Σ_tokens ∂L/∂y' ⊙ y for ia3, Σ_tokens x ⊙ (∂L/∂y' W) for ia3_ff).
-
-One adapter, both placements: `variant="ia3"` with
-`variant_kwargs={"feedforward_names": [regex, ...]}` (peft's `feedforward_modules`; `re.search` on the
-full module name, like `target_names`) and/or `{"feedforward_roles": ["writer"]}` routes every matching
-target to `ia3_ff` (input gate) and the rest to `ia3` (output gate) via `Variant.route`. The route is a
-pure function of (name, role, cfg), so `ll.load` re-derives it identically from the saved config.
-`variant="ia3_ff"` gates the input of every target.
-
-Checked against peft 0.21.2 `peft/tuners/ia3/layer.py`: `IA3Layer.update_layer` L56-70 (shape (1, d_in)
-if is_feedforward else (d_out, 1)), `reset_ia3_parameters` L72-75 (ones), `Linear.forward` L172-199
-(`base(x * g)` if is_feedforward else `base(x) * g`, i.e. bias scaled); `peft/tuners/ia3/model.py`
-`_check_target_module_feedforward` L184-193.
-Deviations: none in the math. Our g is 1-D ((d_out,) / (d_in,)) where peft stores (d_out, 1) / (1, d_in)
-(same values; reshape when copying). peft matches `feedforward_modules` by suffix (list) or fullmatch
-(string); we use regexes with `re.search`, like every other name filter here. (IA)³ has no rank, scale
-or dropout: `r` and `alpha` are ignored, `dropout > 0` is refused (peft's IA3 has no dropout either).
+Init g = 1: both maps are exactly the identity, and g gets a non-zero gradient on step 1. variant="ia3"
+routes targets matching variant_kwargs feedforward_names (regexes) / feedforward_roles to ia3_ff.
 
 Merge (`ll.merge`): ia3: W_eff = diag(g) W and b_eff = g ⊙ b; ia3_ff: W_eff = W diag(g), bias unchanged.
-Steering (`ll.scaled(model, c)`): the gate is interpolated, g → 1 + c·(g − 1) (c = 0: the base model,
-c = 1: the adapter; c = −1 gives 2 − g, which to first order undoes the gate).
+Steering (`ll.scaled(model, c)`): g → 1 + c·(g − 1) (c = 0: the base model, c = 1: the adapter).
+Checked against peft 0.21.2 `peft/tuners/ia3/layer.py` and `ia3/model.py`: no deviation in the math.
+
+Notes: docs/variants/ia3.md.
 """
 
 from __future__ import annotations
@@ -86,9 +69,7 @@ class IA3(Variant):
 
     @staticmethod
     def check_plan(targets: list[tuple[str, str]], cfg: LoraLiteConfig) -> None:
-        """A feedforward_names pattern that matches no target is a typo that would silently gate outputs where
-        inputs were meant (peft raises when feedforward_modules is not a subset of target_modules). Roles come
-        from a fixed set and a config may name one its targets lack (reused across models): not checked."""
+        """Refuse a feedforward_names pattern that matches no target (a typo; peft raises too). Roles: not checked."""
         names = [n for n, _ in targets]
         for pat in cfg.variant_kwargs.get("feedforward_names", ()):
             if not any(re.search(pat, n) for n in names):
