@@ -101,7 +101,7 @@ def test_target_names_override_roles_and_layers_filter() -> None:
 
 
 def test_nothing_matched_lists_the_modules() -> None:
-    with pytest.raises(ll.TargetError, match=r"(?s)no module matched.*layers\.0\.up  reader  16->40"):
+    with pytest.raises(ll.TargetError, match=r"(?s)no module matched.*layers\.\{0\.\.1\}\.up  reader  16->40"):
         ll.attach(Toy(), _cfg(target_names=("does_not_exist",)))
 
 

@@ -185,13 +185,25 @@ def watch_unrun_hooks(layers: dict[str, Any], handles: list) -> None:
     get gradients, warn once naming every layer of it whose hook has not run since attach; then the gradient
     hooks are removed (no cost afterwards). (tests/test_named.py::test_a_layer_whose_hook_never_runs_is_reported)"""
 
-    def check(_: torch.Tensor) -> None:
-        if not handles:
+    check = _UnrunWatch(layers, handles)
+    for a in layers.values():  # one tensor per layer: any layer whose hook ran triggers the check
+        if a._lora_lite.trainable:
+            handles.append(getattr(a, a._lora_lite.trainable[0]).register_post_accumulate_grad_hook(check))
+
+
+class _UnrunWatch:
+    """The gradient hook of `watch_unrun_hooks` (a class, so a model holding it can be copied and pickled)."""
+
+    def __init__(self, layers: dict[str, Any], handles: list) -> None:
+        self.layers, self.handles = layers, handles
+
+    def __call__(self, _: torch.Tensor) -> None:
+        if not self.handles:
             return
-        for h in handles:
+        for h in self.handles:
             h.remove()
-        handles.clear()
-        dead = [n for n, a in layers.items() if not a._lora_lite.ran]
+        self.handles.clear()
+        dead = [n for n, a in self.layers.items() if not a._lora_lite.ran]
         if dead:
             warnings.warn(
                 f"lora-lite: the hooks of {len(dead)} adapted layer(s) never ran although the adapter is training: "
@@ -200,10 +212,6 @@ def watch_unrun_hooks(layers: dict[str, Any], handles: list) -> None:
                 "or Liger kernels). Exclude these layers (exclude_names) or turn the fused kernel off.",
                 stacklevel=2,
             )
-
-    for a in layers.values():
-        for p in a._lora_lite.trainable:
-            handles.append(getattr(a, p).register_post_accumulate_grad_hook(check))
 
 
 # ---------------------------------------------------------------- hooks (every call)

@@ -96,7 +96,8 @@ def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
                 "ll.scaled (c != 1) and ll.export_peft raise; ll.merge works"
             )
     if attached:
-        unrun = [f"{n} ({a})" for n, a, *_ in rows if not model_state(model).adapters[a].layers[n]._lora_lite.ran]
+        infos_ = model_state(model).adapters  # (reported once a backward trained the adapter: watch_unrun_hooks)
+        unrun = [f"{n} ({a})" for n, a, *_ in rows if not infos_[a].watch and not infos_[a].layers[n]._lora_lite.ran]
         if unrun:
             lines.append(f"hooks not run since attach: {', '.join(unrun[:8])}{' ...' if len(unrun) > 8 else ''}")
     lines.append(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4g}%)")
