@@ -181,5 +181,6 @@ def test_output_viewing_a_flat_result_takes_the_out_of_place_path(variant: str) 
     ref = nn.Linear(16, 24, bias=False)
     with torch.no_grad():
         ref.weight.copy_(ll.merged_state_dict(m)["0.weight"])
-    assert torch.allclose(y, ref(x), rtol=1e-5, atol=1e-6)
+    # fp32: the merged product rounds differently from the hooked one, to ~eps·max|y| (delora's outputs reach ~28 here)
+    assert torch.allclose(y, ref(x), rtol=1e-5, atol=1e-6 * max(1.0, y.abs().max().item()))
     assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in g.values())
