@@ -99,8 +99,27 @@ class Variant:
     # Rewriting variants: residual_factors(layer) -> (L (d_out, k), R (k, d_in)) with W − W_res = L R, called right
     # after init, so the runtime restores W bit for bit without a dense copy (original.py). None: a dense copy.
     residual_factors: Callable[[nn.Module], tuple[Tensor, Tensor]] | None = None
+    # The module kinds this variant adapts: "linear" (nn.Linear, GPT-2 Conv1D, bitsandbytes linears), "embedding"
+    # (nn.Embedding), "conv" (nn.Conv1d/2d/3d). A target of another kind is refused at attach, naming the variants
+    # that can adapt it.
+    kinds: tuple[str, ...] = ("linear",)
+    # ll.param_groups(..., loraplus_lr_ratio=k): the names of this variant's "B-type" tensors (LoRA+ trains them at
+    # k·lr; lora: ("lora_B",)). Empty: every tensor at lr.
+    b_tensors: tuple[str, ...] = ()
+    # ll.on_step(model, step), after backward and before zero_grad: a training-time schedule over all of this
+    # adapter's layers at once, on_step(layers {module name: layer}, cfg, step) (adalora's rank allocation).
+    on_step: Callable[[dict[str, nn.Module], LoraLiteConfig, int], None] | None = None
+    # ll.regularizer(model): a term the user adds to the loss, regularizer(layers {module name: layer}, cfg) -> scalar
+    # (adalora's orthogonality penalty). None: no term.
+    regularizer: Callable[[dict[str, nn.Module], LoraLiteConfig], Tensor] | None = None
     # ll.export_peft: the peft adapter type this variant exports as ("LORA", "IA3"), or None (not exportable).
     peft_type: str | None = None
+    # ll.import_peft for a peft_type other than "LORA" / "IA3" (those two are read by interop/peft.py):
+    # peft_import(pc, tensors) -> (config fields, {module name: {our tensor name: tensor}}), with pc the
+    # adapter_config.json dict and tensors keyed "<module name>.<peft tensor name>" (peft's prefix removed).
+    # The runtime adds dtype, target_names (exactly those modules) and exclude_names; it checks the shapes.
+    # Raise ValueError naming the option for a peft option the variant does not support. None: not importable.
+    peft_import: Callable[[dict, dict[str, Tensor]], tuple[dict[str, Any], dict[str, dict[str, Tensor]]]] | None = None
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:

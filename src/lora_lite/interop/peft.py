@@ -219,6 +219,27 @@ def _ia3_plan(pc: dict, tensors: dict, path: Path, dtype) -> tuple[LoraLiteConfi
     return cfg, per
 
 
+def _variant_plan(variant):
+    """The plan for a peft_type read by a variant's own `peft_import` hook (loha, lokr, vera, oft, ...)."""
+
+    def plan_(pc: dict, tensors: dict, path: Path, dtype) -> tuple[LoraLiteConfig, dict[str, dict[str, Any]]]:
+        bare = {}
+        for key, t in tensors.items():
+            if not key.startswith(PREFIX):
+                raise LoadError(f"{str(path)!r}: tensor {key!r} does not start with {PREFIX!r}")
+            bare[key[len(PREFIX) :]] = t
+        try:
+            fields, per = variant.peft_import(pc, bare)
+        except ValueError as e:
+            raise LoadError(f"{str(path)!r}: {e}") from None
+        cfg = LoraLiteConfig(
+            **fields, dtype=_import_dtype(tensors, dtype), target_names=_exact(sorted(per)), exclude_names=()
+        )
+        return cfg, per
+
+    return plan_
+
+
 def import_peft(
     model: nn.Module,
     path: str | os.PathLike,
@@ -261,8 +282,11 @@ def import_peft(
         raise LoadError(f"{str(path)!r}: {WEIGHTS_NAME} holds no tensors")
     kind = pc.get("peft_type")
     plans = {"LORA": _lora_plan, "IA3": _ia3_plan}
+    plans.update({v.peft_type: _variant_plan(v) for v in REGISTRY.values() if v.peft_import is not None})
     if kind not in plans:
-        raise LoadError(f"{str(path)!r}: peft_type {kind!r} is not supported by import_peft (LORA incl. DoRA, IA3)")
+        raise LoadError(
+            f"{str(path)!r}: peft_type {kind!r} is not supported by import_peft (supported: {', '.join(sorted(plans))})"
+        )
     try:
         cfg, per = plans[kind](pc, tensors, path, dtype)
     except LoadError:
