@@ -55,12 +55,32 @@ def eval_ids() -> torch.Tensor:
     return llama_batch(seed=EVAL_IDS_SEED, batch=2, seq=SEQ)
 
 
+TWO = "two_adapters"  # pseudo-variant: a fixed lora adapter "frozen" runs under a trained dora "default"
+
+
+def _two_adapters(model) -> None:
+    """Adapter "frozen" (lora, B moved off 0 so it changes the outputs) runs but does not train; "default"
+    (dora) trains on top of it: ll.set_active(model, both, trainable="default")."""
+    torch.manual_seed(4321)
+    ll.attach(model, cfg_for("lora"), name="frozen")
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for a in ll.targets(model, "frozen").values():
+            a.lora_B.copy_(0.1 * torch.randn(a.lora_B.shape, generator=g))
+    torch.manual_seed(1234)
+    ll.attach(model, cfg_for("dora"))
+    ll.set_active(model, ["frozen", "default"], trainable="default")
+
+
 def attached_model(variant: str, rank: int = 0, world: int = 1, calibration_data=None):
     """The same base and the same adapter init on every rank (same seeds) -- attach BEFORE wrapping.
 
     eva: each rank calibrates on its own shard of `calibration()` unless `calibration_data` is given.
     """
     model = tiny_llama()
+    if variant == TWO:
+        _two_adapters(model)
+        return model
     torch.manual_seed(1234)  # adapter init (kaiming A, HRA's U) is identical on every rank
     if variant == "eva" and calibration_data is None:
         calibration_data = calibration(rank, world)
@@ -81,13 +101,18 @@ def shard(model, mesh, ignored: bool = True) -> None:
     fully_shard(model, mesh=mesh, **kw)
 
 
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """Every adapter's live tensors, keyed "<adapter>/<layer path>.<tensor>"."""
+    return {f"{n}/{k}": v for n in ll.adapters(model) for k, v in ll.adapter_state_dict(model, n).items()}
+
+
 def full_state(model) -> dict[str, torch.Tensor]:
     """The adapter tensors as full plain tensors (`full_tensor()` all-gathers FSDP2 shards: collective)."""
     from torch.distributed.tensor import DTensor
 
     return {
         k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-        for k, v in ll.adapter_state_dict(model).items()
+        for k, v in adapter_tensors(model).items()
     }
 
 
@@ -171,13 +196,14 @@ def _run_rank(rank: int, world: int, outdir: Path, variants: list[str]) -> dict[
             if engine == "fsdp2":
                 with torch.no_grad():
                     res[f"{v}/fsdp2/logits"] = wrapped(eval_ids()).logits.detach().clone()
-                path = outdir / f"{v}.safetensors"
                 before = len(writes)
-                ll.save(model, path)  # every rank calls it: the all-gather is collective
+                for n in ll.adapters(model):  # every rank calls save: the all-gather is collective
+                    ll.save(model, outdir / (f"{v}.safetensors" if n == "default" else f"{v}.{n}.safetensors"), name=n)
                 res[f"{v}/fsdp2/save_writes"] = torch.tensor(len(writes) - before)
-                # the file is complete on every rank once save returns: load it BEFORE sharding, then shard
+                # the files are complete on every rank once save returns: load them BEFORE sharding, then shard
                 fresh = tiny_llama()
-                ll.load(fresh, path)
+                for n in ll.adapters(model):
+                    ll.load(fresh, outdir / (f"{v}.safetensors" if n == "default" else f"{v}.{n}.safetensors"))
                 shard(fresh, mesh)
                 with torch.no_grad():
                     res[f"{v}/fsdp2/loaded_logits"] = fresh(eval_ids()).logits.detach().clone()

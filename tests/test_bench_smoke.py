@@ -175,3 +175,17 @@ def test_quick_benchmark_compiled(tmp_path) -> None:
     assert res["compile"] is True and "torch.compile" in (tmp_path / "bench_vs_peft_quick_compile.md").read_text()
     (row,) = res["variants"]
     assert math.isfinite(row["ours"]["step_vs_base"]) and math.isfinite(row["ours_vs_peft_step"])
+
+
+def test_named_adapters_benchmark_quick(tmp_path) -> None:
+    """bench_named.py: k active adapters train k adapters' parameters in both libraries (same counts as peft)."""
+    bench = _load(BENCH.with_name("bench_named.py"))
+    bench.main(["--quick", "--rounds", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path / "bn")])
+    res = json.loads((tmp_path / "bn.json").read_text())
+    rows = {r["arm"]: r for r in res["rows"]}
+    one = rows["1 active"]["trainable"]
+    assert one > 0
+    for arm, k in (("1 active", 1), ("2 active", 2), ("4 active", 4), ("4 attached, 1 active", 1)):
+        assert rows[arm]["trainable"] == rows[arm]["peft_trainable"] == k * one, arm
+        assert all(math.isfinite(rows[arm][f]) for f in ("ours_ms", "peft_ms", "ours_over_peft", "ours_over_base"))
+    assert (tmp_path / "bn.md").read_text().count("| 4 active |") == 1

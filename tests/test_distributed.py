@@ -27,14 +27,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from _dist_worker import attached_model, calibration, eval_ids, scalar_grads, spawn_main, train
+from _dist_worker import TWO, adapter_tensors, attached_model, calibration, eval_ids, scalar_grads, spawn_main, train
 from _models import ad, tiny_llama
 
 import lora_lite as ll
 
 WORLD = 2
 VARIANTS = ["lora", "dora", "hra", "eva", "pissa", "antipasto", "ia3", "delora"]
-REGISTERED = [v for v in VARIANTS if v in ll.REGISTRY]
+REGISTERED = [v for v in VARIANTS if v in ll.REGISTRY] + [TWO]
 ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -48,13 +48,13 @@ def _free_port() -> int:
 
 
 def _registered(v: str) -> str:
-    if v not in ll.REGISTRY:
+    if v not in ll.REGISTRY and v != TWO:
         pytest.skip(f"variant {v!r} is not registered")
     return v
 
 
 def _adapter(model) -> dict[str, torch.Tensor]:
-    return {k: t.detach().clone() for k, t in ll.adapter_state_dict(model).items()}
+    return {k: t.detach().clone() for k, t in adapter_tensors(model).items()}
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +137,25 @@ def _check_engine(ranks, single, v: str, engine: str) -> None:
             _close(res[f"{v}/{engine}/{k}"], ref[k], f"{k} on rank {r}")
 
 
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_two_adapters_one_frozen_train_as_in_one_process(ranks, single, engine) -> None:
+    """Named adapters under DDP / FSDP2: a fixed lora adapter runs under a dora adapter that trains on top of
+    it (set_active(..., trainable="default")). The trained one matches the single-process run; the frozen one
+    is bit for bit its init on every rank; both save (one file each) and load back to the sharded outputs."""
+    results, out = ranks
+    _check_engine(ranks, single, TWO, engine)
+    init = _adapter(attached_model(TWO))
+    frozen = [k for k in init if k.startswith("frozen/")]
+    assert frozen and any(k.startswith("default/") for k in init)
+    for res in results:
+        for k in frozen:
+            assert torch.equal(res[f"{TWO}/{engine}/{k}"], init[k]), k
+    if engine == "fsdp2":
+        assert [int(res[f"{TWO}/fsdp2/save_writes"]) for res in results] == [2, 0]
+        for res in results:
+            _close(res[f"{TWO}/fsdp2/loaded_logits"], results[0][f"{TWO}/fsdp2/logits"], "two adapters reloaded")
+
+
 @pytest.mark.parametrize("v", VARIANTS)
 def test_ddp_matches_single_process(ranks, single, v) -> None:
     _check_engine(ranks, single, _registered(v), "ddp")
@@ -184,8 +203,9 @@ def test_eva_sums_calibration_statistics_over_ranks(ranks) -> None:
     for k in a_keys:
         assert (everything[k] - shard0[k]).abs().max() > 100 * ATOL, k  # rank 0's shard alone gives another A
         for case in ("shard", "same"):
-            torch.testing.assert_close(results[1][f"eva/{case}/{k}"], results[0][f"eva/{case}/{k}"], rtol=0, atol=0)
-            _close(results[0][f"eva/{case}/{k}"], everything[k], f"{case}: {k}")
+            key = f"eva/{case}/{k.removeprefix('default/')}"
+            torch.testing.assert_close(results[1][key], results[0][key], rtol=0, atol=0)
+            _close(results[0][key], everything[k], f"{case}: {k}")
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")

@@ -112,6 +112,29 @@ def test_gradients_reach_only_active_adapters_and_outputs_follow_set_active(vari
     assert all(a.lora_A.requires_grad for a in ll.targets(m, "a").values())
 
 
+def test_set_active_trainable_trains_a_new_adapter_on_top_of_a_frozen_one() -> None:
+    """set_active(names, trainable=...): every adapter in names runs, only `trainable` gets gradients; a later
+    attach leaves the frozen one frozen; set_active without trainable makes every active adapter train again."""
+    m = Toy()
+    _attach(m, "lora", "a")
+    both = Toy()
+    _attach(both, "lora", "a")
+    _attach(m, "dora", "b", seed=1)
+    _attach(both, "dora", "b", seed=1)
+    ll.set_active(m, ["a", "b"], trainable="b")
+    assert ll.active(m) == ["a", "b"]
+    out = m(X)
+    torch.testing.assert_close(out, both(X), rtol=0, atol=0)  # "a" still runs
+    out.square().sum().backward()
+    assert all(not a.lora_A.requires_grad and a.lora_A.grad is None for a in ll.targets(m, "a").values())
+    assert all(a.lora_B.grad is not None and a.lora_B.grad.abs().sum() > 0 for a in ll.targets(m, "b").values())
+    _attach(m, "ia3", "c", seed=2)  # a new adapter trains; "a" stays frozen
+    assert not any(a.lora_B.requires_grad for a in ll.targets(m, "a").values())
+    assert all(a.lora_g.requires_grad for a in ll.targets(m, "c").values())
+    ll.set_active(m, ["a", "b"])
+    assert all(a.lora_A.requires_grad for a in ll.targets(m, "a").values())
+
+
 def test_detach_in_any_order_restores_the_base_bit_for_bit() -> None:
     for order in itertools.permutations(["a", "b", "c"]):
         m = Toy()
@@ -206,6 +229,7 @@ def test_a_version_1_file_loads_as_default(tmp_path) -> None:
         (lambda m: ll.attach(m, _cfg("lora"), name="bad name"), r"must match \[A-Za-z0-9_\]\+"),
         (lambda m: ll.attach(m, _cfg("lora"), name="x.y"), r"must match \[A-Za-z0-9_\]\+"),
         (lambda m: ll.set_active(m, ["a", "nope"]), "ll.set_active: no adapter named 'nope'.*attached adapters: "),
+        (lambda m: ll.set_active(m, "a", trainable="b"), r"trainable='b' is not among the adapters being activated"),
         (lambda m: ll.detach(m, "nope"), "ll.detach: no adapter named 'nope'"),
         (lambda m: ll.save(m, "unused.safetensors", name="nope"), "ll.save: no adapter named 'nope'"),
         (lambda m: ll.merge(m, names=["nope"]), "ll.merge: no adapter named 'nope'"),

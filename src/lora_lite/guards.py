@@ -44,6 +44,16 @@ def check_known(names: list[str], attached: list[str], what: str) -> None:
         raise AdapterError(f"{what}: no adapter named {unknown[0]!r} is attached; attached adapters: {attached}")
 
 
+def check_trainable(trainable: list[str], names: list[str]) -> None:
+    """set_active(names, trainable=...): only adapters being activated can train. (test_named.py)"""
+    odd = [n for n in trainable if n not in names]
+    if odd:
+        raise AdapterError(
+            f"ll.set_active: trainable={odd[0]!r} is not among the adapters being activated {names}; "
+            "an adapter trains only while it is active: add it to names"
+        )
+
+
 def check_flag(value: object, what: str) -> None:
     if not isinstance(value, bool):
         raise AdapterError(f"{what} must be True or False, got {value!r}")

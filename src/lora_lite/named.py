@@ -64,21 +64,25 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     return {f"{layer}.{p}": getattr(a, p) for layer, a in targets(model, name).items() for p in a._lora_lite.names}
 
 
-def set_active(model: nn.Module, names: str | list[str]) -> None:
+def set_active(model: nn.Module, names: str | list[str], *, trainable: str | list[str] | None = None) -> None:
     """These adapters run and train; every other one is skipped (its layers compute as without it) and frozen.
 
-    A rewriting adapter (pissa, antipasto) turned off puts the original weight back for as long as it is off.
+    `trainable`: the active adapters that train (default: all of `names`); the others in `names` run frozen
+    (train a new adapter on top of a fixed one). A rewriting adapter (pissa, antipasto) turned off puts the
+    original weight back for as long as it is off.
     """
     state = model_state(model)
     names = [names] if isinstance(names, str) else list(names)
     guards.check_known(names, list(state.adapters), "ll.set_active")
+    train = names if trainable is None else [trainable] if isinstance(trainable, str) else list(trainable)
+    guards.check_trainable(train, names)
     for n, info in state.adapters.items():  # every check before the first change
         for a in info.layers.values():
             guards.require_outside_blocks(a._lora_lite, "ll.set_active", "(it changes which adapters run)")
             if n not in names and info.active:
                 guards.require_original(a._lora_lite, "ll.set_active (turning a rewriting adapter off)")
     for n, info in state.adapters.items():
-        info.active = n in names
+        info.active, info.trainable = n in names, n in train
         for a in info.layers.values():
             a._lora_lite.active = info.active
             original.use_residual(a) if info.active else original.use_original(a)
@@ -86,10 +90,10 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
 
 
 def set_trainable(model: nn.Module) -> None:
-    """Every base parameter frozen; the trainable lora_* tensors of active adapters require grad, others not."""
+    """Every base parameter frozen; the trainable lora_* tensors of active, trainable adapters require grad."""
     for p in unwrap(model).parameters():
         p.requires_grad_(False)
     for info in model_state(model).adapters.values():
         for a in info.layers.values():
             for p in a._lora_lite.trainable:
-                getattr(a, p).requires_grad_(info.active)
+                getattr(a, p).requires_grad_(info.active and info.trainable)

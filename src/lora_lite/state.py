@@ -122,6 +122,7 @@ class AdapterInfo:
     cfg: LoraLiteConfig
     layers: dict[str, LayerAdapter]  # layer name -> this adapter's module on it
     active: bool = True
+    trainable: bool = True  # ll.set_active(..., trainable=...): an active adapter may run frozen
     watch: list = field(default_factory=list)  # gradient-hook handles of guards.watch_unrun_hooks
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from ..config import ConfigError, LoraLiteConfig
 from ..target import dense_weight, set_dense_weight
 from ..variant import ParamSpec, Variant, add_lowrank, for_cache, register, writable
+from ._cayley import _consts, rotation_blocks
 from .pissa import top_r_svd
 
 _KWARGS = ("block_size", "max_angle")
@@ -44,28 +45,6 @@ def block_size(cfg: LoraLiteConfig) -> int:
 
 def max_angle(cfg: LoraLiteConfig) -> float | None:
     return cfg.variant_kwargs.get("max_angle", DEFAULT_MAX_ANGLE)
-
-
-def _consts(bs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows, cols = torch.triu_indices(bs, bs, 1, device=device)
-    return rows, cols, torch.eye(bs, device=device, dtype=torch.float32)
-
-
-def rotation_blocks(
-    rot_T: torch.Tensor, bs: int, max_angle: float | None, c: float = 1.0, consts: tuple | None = None
-) -> torch.Tensor:
-    """R_k = Cayley(c · clamp(skew(rot_T[k]))) for all k: (n_blocks, bs, bs), ≥ fp32; `consts`: cached `_consts`."""
-    rows, cols, eye = consts if consts is not None else _consts(bs, rot_T.device)
-    dt = torch.promote_types(rot_T.dtype, torch.float32)
-    eye = eye.to(dt)
-    T = rot_T.new_zeros((rot_T.shape[0], bs, bs), dtype=dt)
-    T[:, rows, cols] = rot_T.to(dt)  # upper triangle
-    A = 0.5 * (T - T.transpose(-1, -2))
-    if max_angle is not None:
-        a = 2 * math.tan(max_angle / 2)
-        A = a * torch.tanh(A / a)
-    X = (c / 2) * A
-    return torch.linalg.solve(eye - X, eye + X)  # batched over blocks; eye broadcasts
 
 
 @register
