@@ -136,7 +136,7 @@ def test_torch_func_per_sample_gradients_and_double_backward(variant: str) -> No
 
     m = _model(variant, bias=False)
     params = {k: v.detach() for k, v in m.named_parameters()}
-    x = torch.randn(3, 5, 16)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))
 
     def loss(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
         return functional_call(m, p, (xi.unsqueeze(0),)).pow(2).sum()
@@ -147,7 +147,9 @@ def test_torch_func_per_sample_gradients_and_double_backward(variant: str) -> No
         m(x[i : i + 1]).pow(2).sum().backward()
         for k, p in m.named_parameters():
             if p.requires_grad:
-                assert torch.allclose(per_sample[k][i], p.grad, rtol=1e-5, atol=1e-7), k
+                # vmap's batched kernels sum in another order: fp32 rounding relative to the gradient's scale
+                atol = 1e-6 * p.grad.abs().max().item()
+                assert torch.allclose(per_sample[k][i], p.grad, rtol=1e-5, atol=atol), k
     xg = x.clone().requires_grad_(True)  # double backward (e.g. a gradient penalty) through the in-place path
     (gx,) = torch.autograd.grad(m(xg).sum(), xg, create_graph=True)
     gx.pow(2).sum().backward()

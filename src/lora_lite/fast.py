@@ -12,9 +12,13 @@ out-of-place paths, described in `add_lowrank`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 
 def add_lowrank(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -97,3 +101,18 @@ class _LowRank(torch.autograd.Function):
         gh = g2.mm(B) if ctx.needs_input_grad[1] else None
         gB = h2.t().mm(g2).t() if ctx.needs_input_grad[2] else None  # (hᵀ g)ᵀ: B's grad, in the fast layout
         return g, gh, gB, None
+
+
+def sole_owner(layer: nn.Module, stack: Any, y: torch.Tensor) -> bool:
+    """Nobody but our hook can have seen y: no global hooks, ours is the layer's first, y is no grad leaf, the
+    layer's forward is its class's (not replaced on the instance by a wrapper that may keep y, as accelerate's
+    hooks do), and no torch.func transform is active. Never under torch.compile (the handle lookup would break
+    the graph). Then the first adapter may add into y in place (fast.py). (tests/test_inplace.py)"""
+    return (
+        not torch.compiler.is_compiling()
+        and not _global_forward_hooks
+        and not torch._C._are_functorch_transforms_active()
+        and next(iter(layer._forward_hooks), None) == stack.post_handle.id
+        and not (y.requires_grad and y.is_leaf)
+        and "forward" not in layer.__dict__
+    )

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks
 
 from .config import ConfigError, LoraLiteConfig
 from .errors import AdapterError
@@ -271,21 +270,6 @@ def adapter_dtype(a: nn.Module, x: torch.Tensor) -> torch.dtype:
                 )
             return t.dtype
     return st.cfg.dtype
-
-
-def sole_owner(layer: nn.Module, stack: Any, y: torch.Tensor) -> bool:
-    """Nobody but our hook can have seen y: no global hooks, ours is the layer's first, y is no grad leaf, the
-    layer's forward is its class's (not replaced on the instance by a wrapper that may keep y, as accelerate's
-    hooks do), and no torch.func transform is active. Never under torch.compile (the handle lookup would break
-    the graph). Then the first adapter may add into y in place (fast.py). (tests/test_inplace.py)"""
-    return (
-        not torch.compiler.is_compiling()
-        and not _global_forward_hooks
-        and not torch._C._are_functorch_transforms_active()
-        and next(iter(layer._forward_hooks), None) == stack.post_handle.id
-        and not (y.requires_grad and y.is_leaf)
-        and "forward" not in layer.__dict__
-    )
 
 
 def describe(on: bool, coef: float) -> str:

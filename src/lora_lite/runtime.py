@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import guards, original
+from . import fast, guards, original
 from .config import ConfigError, LoraLiteConfig
 from .errors import AdapterError
 from .named import adapters, model_state, set_trainable
@@ -209,7 +209,7 @@ def _output_hook(layer: nn.Module, args: tuple, kwargs: dict[str, Any], y: Any) 
         if st.coef != 1.0:  # inside ll.scaled(model, c)
             out = st.variant.scaled_forward(a, x, y, st.coef)
         else:  # the first adapter may add into the base output in place, if nothing else can hold it (fast.py)
-            st.writable = y if first and guards.sole_owner(layer, stack, y) else None
+            st.writable = y if first and fast.sole_owner(layer, stack, y) else None
             try:
                 out = st.variant.forward(a, x, y)
             finally:
