@@ -11,6 +11,7 @@ dtype: `quant_storage=torch.bfloat16` packs four per element), as peft does.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from torch import nn
 
@@ -47,7 +48,7 @@ def _rows(model: nn.Module, cfg: LoraLiteConfig | None) -> tuple[list[tuple], di
         )
     if cfg is not None and not is_attached(model):
         rows = [
-            (t.name, "default", t.role, t.variant.name, *dims(t.layer), t.layer,
+            (t.name, "default", t.role, t.variant.name, *_dims(t), _label(t.layer, t.param),
              sum(_numel(s.shape) for s in t.specs.values() if s.trainable and not s.buffer))
             for t in plan(model, cfg)
         ]  # fmt: skip
@@ -59,8 +60,21 @@ def _rows(model: nn.Module, cfg: LoraLiteConfig | None) -> tuple[list[tuple], di
         for layer, a in info.layers.items():
             st = a._lora_lite
             n = sum(getattr(a, p).numel() for p in st.trainable)
-            rows.append((layer, name, st.role, st.variant.name, *dims(a), a._base, n))
+            rows.append((layer, name, st.role, st.variant.name, *dims(a), _label(a._base, getattr(a, "_param", None)), n))
     return rows, infos, True
+
+
+def _label(layer: nn.Module, param: str | None) -> str:
+    """The base column: the layer's type and weight dtype (for an expert weight: the owner's type)."""
+    w = layer.weight if param is None else layer._parameters[param]
+    return f"{type(layer).__name__} {str(w.dtype).removeprefix('torch.')}"
+
+
+def _dims(t: Any) -> tuple[int, int]:
+    if t.param is None:
+        return dims(t.layer)
+    E, a, b = t.layer._parameters[t.param].shape
+    return (a, b) if getattr(t.layer, "is_transposed", False) else (b, a)
 
 
 def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
@@ -76,7 +90,7 @@ def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
     )
     head = ("layer", "adapter", "role", "variant", "shape", "base", "trainable")
     body = [
-        (layer, name, role, var, f"{d_in} -> {d_out}", f"{type(base).__name__} {str(base.weight.dtype).removeprefix('torch.')}", f"{n:,}")
+        (layer, name, role, var, f"{d_in} -> {d_out}", base, f"{n:,}")
         for layer, name, role, var, d_in, d_out, base, n in rows
     ]  # fmt: skip
     widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
@@ -84,7 +98,7 @@ def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in body]
     for name, (c, on, dropped) in infos.items():
         roles = Counter(r[2] for r in rows if r[1] == name)
-        roles = ", ".join(f"{roles[k]} {k}" for k in ("reader", "writer", "inner") if roles[k])
+        roles = ", ".join(f"{roles[k]} {k}" for k in ("reader", "writer", "inner", "expert") if roles[k])
         state = ("active" if on else "inactive") if attached else "preview (not attached)"
         lines.append(
             f"{name!r} {state}: variant={c.variant} r={c.r} alpha={c.alpha} "
