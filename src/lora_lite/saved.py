@@ -48,9 +48,11 @@ def find_modules(model: nn.Module, cfg: LoraLiteConfig, targets: list, adapter: 
                 "either trained whole or adapted. Exclude it from the targets (exclude_names) or from modules_to_save"
             )
     state = getattr(model, STATE, None)
-    for other, info in (state.adapters.items() if state is not None else ()):
+    for other, info in state.adapters.items() if state is not None else ():
         for n, m in chosen.items():
-            clash = [s for s, sm in info.saved.items() if sm.module is m or s.startswith(n + ".") or n.startswith(s + ".")]
+            clash = [
+                s for s, sm in info.saved.items() if sm.module is m or s.startswith(n + ".") or n.startswith(s + ".")
+            ]
             if clash:
                 raise AdapterError(
                     f"modules_to_save: {n} is already saved by adapter {other!r} ({clash[0]}); one module is trained "

@@ -60,7 +60,9 @@ def _rows(model: nn.Module, cfg: LoraLiteConfig | None) -> tuple[list[tuple], di
         for layer, a in info.layers.items():
             st = a._lora_lite
             n = sum(getattr(a, p).numel() for p in st.trainable)
-            rows.append((layer, name, st.role, st.variant.name, *dims(a), _label(a._base, getattr(a, "_param", None)), n))
+            rows.append(
+                (layer, name, st.role, st.variant.name, *dims(a), _label(a._base, getattr(a, "_param", None)), n)
+            )
     return rows, infos, True
 
 
@@ -85,6 +87,13 @@ def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
     model = unwrap(model)
     rows, infos, attached = _rows(model, cfg)
     trainable = sum(r[-1] for r in rows)
+    whole = {  # modules_to_save: adapter -> [(module, its parameters' size)]
+        n: [
+            (m, sum(t.numel() for t in sm.tensors.values() if isinstance(t, nn.Parameter))) for m, sm in i.saved.items()
+        ]
+        for n, i in (model_state(model).adapters.items() if attached else ())
+    }
+    trainable += sum(k for n, ms in whole.items() if infos[n][1] for _, k in ms)
     total = _base_numel(model) + (
         sum(p.numel() for n, p in model.named_parameters() if ".lora_lite." in f".{n}") if attached else trainable
     )
@@ -104,6 +113,10 @@ def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
             f"{name!r} {state}: variant={c.variant} r={c.r} alpha={c.alpha} "
             f"dtype={str(c.dtype).removeprefix('torch.')}; {sum(r[1] == name for r in rows)} targets ({roles})"
         )
+        if whole.get(name):
+            lines.append(
+                f"{name!r} modules_to_save (trained whole): " + ", ".join(f"{m} ({k:,})" for m, k in whole[name])
+            )
         if dropped:
             lines.append(
                 f"{name!r}: original weights not kept (keep_original=False): ll.detach, ll.disabled, and for pissa "
