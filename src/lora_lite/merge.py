@@ -125,7 +125,7 @@ def merged_state_dict(model: nn.Module, names: list[str] | str | None = None) ->
     """
     layers = _layers(model, _chosen(model, names))
     model = unwrap(model)
-    sd = {k: v for k, v in model.state_dict().items() if ".lora_lite." not in k}
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_lite." not in k and ".lora_lite_params." not in k}
     for info in model_state(model).adapters.values():  # rewriting adapters not merged: the original weight
         for name, a in info.layers.items():
             if name not in layers and a._lora_lite.original is not None:

@@ -25,7 +25,7 @@ def _base_numel(model: nn.Module) -> int:
     """Every parameter that is not an adapter tensor, 4-bit packed weights counted unpacked."""
     n = 0
     for name, p in model.named_parameters():
-        if ".lora_lite." in f".{name}":
+        if ".lora_lite." in f".{name}" or ".lora_lite_params." in f".{name}":
             continue
         n += p.numel() * (2 * p.element_size() if type(p).__name__ == "Params4bit" else 1)  # two 4-bit per byte
     return n
@@ -95,7 +95,13 @@ def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
     }
     trainable += sum(k for n, ms in whole.items() if infos[n][1] for _, k in ms)
     total = _base_numel(model) + (
-        sum(p.numel() for n, p in model.named_parameters() if ".lora_lite." in f".{n}") if attached else trainable
+        sum(
+            p.numel()
+            for n, p in model.named_parameters()
+            if ".lora_lite." in f".{n}" or ".lora_lite_params." in f".{n}"
+        )
+        if attached
+        else trainable
     )
     head = ("layer", "adapter", "role", "variant", "shape", "base", "trainable")
     body = [
