@@ -107,7 +107,7 @@ def _parity(pm: nn.Module, ours: nn.Module, base_out: torch.Tensor, run, x) -> d
     pairs = _pairs(pm, ours)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, o, t, to_ours in pairs:
+        for _name, o, t, to_ours in pairs:
             t.add_(0.2 * torch.randn(t.shape, generator=g))
             o.copy_(to_ours(t))
     (yp, lp), (yo, lo) = run(pm, x), run(ours, x)
@@ -270,7 +270,7 @@ def test_experts_import_export_with_peft(tmp_path) -> None:
     pm = _get_peft(qwen_moe(), **{**MOE_PEFT, "alpha_pattern": {"layers.1.self_attn.q_proj": 7}})
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for n, p in pm.named_parameters():
+        for _n, p in pm.named_parameters():
             if p.requires_grad:
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
         want = pm(x).logits
@@ -507,7 +507,7 @@ def test_modules_to_save_import_export_with_peft(tmp_path) -> None:
     x = llama_batch()
     pm = _get_peft(tiny_llama(), r=4, lora_alpha=8, target_modules=LLAMA_T, modules_to_save=["lm_head"])
     with torch.no_grad():
-        for n, p in pm.named_parameters():
+        for _n, p in pm.named_parameters():
             if p.requires_grad:
                 p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
         want = pm(x).logits
