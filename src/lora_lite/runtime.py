@@ -259,6 +259,7 @@ def _remove(model: nn.Module, name: str) -> None:
         h.remove()
     for sm in info.saved.values():
         saved.restore(sm)
+        saved.set_trainable(sm, False)  # (the flags before the first attach come back below, with no adapter left)
     for a in info.layers.values():
         if isinstance(a, ParamAdapter):
             experts.remove(a, name)

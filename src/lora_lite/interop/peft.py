@@ -196,7 +196,12 @@ def _lora_plan(
         m = next((m for m in mts if key.startswith(f"{PREFIX}{m}.")), None)
         if m is not None:
             saved_tensors.setdefault(m, {})[key[len(PREFIX) + len(m) + 1 :]] = tensors.pop(key)
-    mts = [m for m in mts if m in saved_tensors]
+    empty = [m for m in mts if m not in saved_tensors]
+    if empty:
+        raise LoadError(
+            f"{str(path)!r}: modules_to_save {pc['modules_to_save']} selects {empty[0]} in this model, but the weights "
+            f"file has no tensors for it ({PREFIX}{empty[0]}.*): the adapter was made for another model, or is damaged"
+        )
     suffixes = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if use_dora else ())
     per: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
@@ -237,8 +242,8 @@ def _lora_plan(
     for name, r in ranks.items():
         if cfg.for_layer(name).r != r:
             raise LoadError(
-                f"{str(path)!r}: {name}: rank {r} in the file differs from the r={cfg.for_layer(name).r} its config "
-                "gives this layer (r / rank_pattern)"
+                f"{str(path)!r}: {name}: rank {r} differs from the config's r={cfg.for_layer(name).r} for this layer "
+                "(r, or its rank_pattern entry)"
             )
     per.update(saved_tensors)
     return cfg, per
