@@ -183,6 +183,8 @@ def test_experts_detach_disabled_scaled_merge_save_load(tmp_path) -> None:
             half = model(x).logits
             assert rel(half, base) > 1e-3 and rel(half, want) > 1e-3
     assert isinstance(model.model.layers[0].mlp.experts.gate_up_proj, nn.Parameter)  # put back after the call
+    with torch.no_grad():
+        assert torch.equal(ll.reference_model(model)(x).logits, base)  # the DPO reference: the base model
     ll.save(model, tmp_path / "a.safetensors")
     merged_sd = ll.merged_state_dict(model)
     ll.detach(model)
@@ -267,7 +269,8 @@ def test_transposed_expert_layout_matches_peft() -> None:
 
 def test_experts_import_export_with_peft(tmp_path) -> None:
     x = llama_batch()
-    pm = _get_peft(qwen_moe(), **{**MOE_PEFT, "alpha_pattern": {"layers.1.self_attn.q_proj": 7}})
+    extra = {"alpha_pattern": {"layers.1.self_attn.q_proj": 7}, "rank_pattern": {"down_proj": 3, "nothing": 5}}
+    pm = _get_peft(qwen_moe(), **{**MOE_PEFT, **extra})  # (peft ignores "nothing", with a warning: so do we)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for _n, p in pm.named_parameters():
@@ -333,6 +336,12 @@ def test_experts_refusals() -> None:
             ll.LoraLiteConfig(target_parameters=("experts",), **kw)
     with pytest.raises(ll.TargetError, match="matches no 3-D parameter"):
         ll.attach(tiny_llama(), ll.LoraLiteConfig(target_parameters=("experts",)))
+    ll.attach(model, ll.LoraLiteConfig(target_roles=(), target_parameters=("experts",), layers=(1,)))
+    assert list(ll.targets(model)) == [
+        "model.layers.1.mlp.experts.gate_up_proj",
+        "model.layers.1.mlp.experts.down_proj",
+    ]
+    ll.detach(model)
     assert not ll.is_attached(model) and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
@@ -464,7 +473,7 @@ def test_modules_to_save_detach_load_disabled_and_named(tmp_path) -> None:
     ll.save(model, tmp_path / "a.safetensors")
     ll.detach(model)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
-    assert not model.lm_head.weight.requires_grad or before  # flags restored with the rest
+    assert model.lm_head.weight.requires_grad  # the flags before attach are back (a fresh model's: True)
     fresh = tiny_llama()
     ll.load(fresh, tmp_path / "a.safetensors")
     with torch.no_grad():
@@ -479,6 +488,10 @@ def test_modules_to_save_detach_load_disabled_and_named(tmp_path) -> None:
     assert torch.equal(ll.adapter_state_dict(fresh, "default")["lm_head.weight"], before["lm_head.weight"] + 0.5)
     ll.set_active(fresh, ["default", "b"])
     assert fresh.lm_head.weight.requires_grad and torch.equal(fresh.lm_head.weight, before["lm_head.weight"] + 0.5)
+    ll.detach(fresh, "b")
+    ll.attach(fresh, ll.LoraLiteConfig(r=2), name="b")
+    with torch.no_grad(), ll.disabled(fresh):
+        assert torch.equal(fresh(x).logits, base)
     ll.merge(fresh, "default")  # merged: lm_head keeps its trained values
     assert torch.equal(fresh.lm_head.weight, before["lm_head.weight"] + 0.5)
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from .config import LoraLiteConfig
 from .state import ParamAdapter, ParamStack
-from .target import TargetError
+from .target import TargetError, block_index
 from .variant import ParamSpec
 
 PARAMS = "lora_lite_params"  # on the module owning the targeted parameters
@@ -47,7 +47,8 @@ def three_d(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def find_params(model: nn.Module, cfg: LoraLiteConfig) -> list[tuple[str, nn.Module, str]]:
     """(`<module>.<param>`, owner module, param name) of every 3-D parameter a target_parameters regex matches
-    (re.search); a regex that matches none raises, listing the model's 3-D parameters."""
+    (re.search), less those exclude_names / layers leave out; a regex that matches none raises, listing the
+    model's 3-D parameters."""
     if not cfg.target_parameters:
         return []
     params = three_d(model)
@@ -60,6 +61,10 @@ def find_params(model: nn.Module, cfg: LoraLiteConfig) -> list[tuple[str, nn.Mod
             )
     out = []
     for n, _ in params:
+        if any(re.search(pat, n) for pat in cfg.exclude_names):
+            continue
+        if cfg.layers is not None and block_index(n) not in cfg.layers:
+            continue
         if any(re.search(pat, n) for pat in cfg.target_parameters):
             owner, _, pname = n.rpartition(".")
             out.append((n, model.get_submodule(owner), pname))
