@@ -79,7 +79,7 @@ def check_target(model: nn.Module, name: str, layer: nn.Module, variant: type, o
         check_rewritable(model, name, layer, variant, owners)
 
 
-def check_param_owner(name: str, owner: nn.Module, adapter: str) -> None:
+def check_param_owner(name: str, owner: nn.Module) -> None:
     """A target_parameters target: a real, plain parameter (experts.py swaps W + ΔW in for each call).
     (tests/test_targets_params_patterns.py)"""
     pname = name.rpartition(".")[2]

@@ -56,7 +56,7 @@ def plan(model: nn.Module, cfg: LoraLiteConfig, adapter: str = "default") -> lis
             raise ConfigError(f"variant {variant.name!r}: tensor name {bad[0]!r} must start with 'lora_'")
         targets.append(Target(name, layer, role, variant, specs, lcfg))
     for name, owner, pname in experts.find_params(model, cfg):
-        guards.check_param_owner(name, owner, adapter)
+        guards.check_param_owner(name, owner)
         lcfg = _layer_cfg(cfg, name)
         p = owner._parameters[pname]
         specs = experts.param_specs(tuple(p.shape), bool(getattr(owner, "is_transposed", False)), lcfg)
