@@ -535,3 +535,23 @@ def test_modules_to_save_import_export_with_peft(tmp_path) -> None:
         back = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"))
     with torch.no_grad():
         assert rel(back(x).logits, want) <= RTOL
+
+
+def test_experts_only_export_loads_in_peft(tmp_path) -> None:
+    """No linear target (peft's target_modules None) and a rank_pattern on expert weights."""
+    x = llama_batch()
+    ours = qwen_moe()
+    ll.attach(
+        ours, ll.LoraLiteConfig(r=2, target_roles=(), target_parameters=("experts",), rank_pattern={"gate_up_proj": 3})
+    )
+    with torch.no_grad():
+        for a in ll.targets(ours).values():
+            a.lora_B.normal_(0, 0.3)
+        want = ours(x).logits
+    ll.export_peft(ours, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(qwen_moe(), str(tmp_path))
+    with torch.no_grad():
+        assert rel(pm(x).logits, want) <= RTOL
