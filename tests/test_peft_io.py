@@ -165,9 +165,9 @@ def _edit_config(path, **changes) -> None:
     "changes, match",
     [
         (dict(bias="all"), r"\['bias'\].*no lora-lite equivalent"),
-        (dict(modules_to_save=["lm_head"]), r"\['modules_to_save'\]"),
-        (dict(rank_pattern={"q_proj": 8}), r"\['rank_pattern'\]"),
-        (dict(alpha_pattern={"q_proj": 8}), r"\['alpha_pattern'\]"),
+        (dict(modules_to_save=["lm_head"]), r"modules_to_save \['lm_head'\] selects lm_head.*no tensors for it"),
+        (dict(rank_pattern={"q_proj": 8}), r"q_proj: rank 4 differs from the config's r=8 for this layer"),
+        (dict(layer_replication=[[0, 1]]), r"\['layer_replication'\]"),
         (dict(peft_type="LOHA"), r"peft_type 'LOHA' is not supported"),
         (dict(r=8), r"rank 4 differs from the config's r=8"),
         (dict(init_lora_weights="pissa_niter_4"), r"init_lora_weights='pissa_niter_4'.*path_initial_model"),

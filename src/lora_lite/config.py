@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -64,6 +65,10 @@ class LoraLiteConfig:
     exclude_names: tuple[str, ...] = ("lm_head", "embed_tokens")
     layers: tuple[int, ...] | None = None
     variant_kwargs: dict[str, Any] = field(default_factory=dict)
+    target_parameters: tuple[str, ...] = ()  # regexes over "<module>.<param>" of 3-D expert weights (lora only)
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> r of the layers it matches (peft's rule)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha of the layers it matches
+    modules_to_save: tuple[str, ...] = ()  # regexes over module names: trained whole, saved with the adapter
 
     def __post_init__(self) -> None:
         if not isinstance(self.variant, str):
@@ -78,7 +83,7 @@ class LoraLiteConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
         self.dtype = dtype_from_name(self.dtype)
-        for fname in ("target_roles", "target_names", "exclude_names"):
+        for fname in ("target_roles", "target_names", "exclude_names", "target_parameters", "modules_to_save"):
             val = getattr(self, fname)
             if isinstance(val, str):
                 raise ConfigError(f"{fname} must be a tuple of strings, not the string {val!r} (write ({val!r},))")
@@ -86,7 +91,7 @@ class LoraLiteConfig:
                 setattr(self, fname, tuple(val))
             except TypeError:
                 raise ConfigError(f"{fname} must be a tuple of strings, got {val!r}") from None
-        for fname in ("target_names", "exclude_names"):
+        for fname in ("target_names", "exclude_names", "target_parameters", "modules_to_save"):
             for pat in getattr(self, fname):
                 if not isinstance(pat, str):
                     raise ConfigError(f"{fname} must hold regex strings, got {pat!r}")
@@ -94,6 +99,7 @@ class LoraLiteConfig:
                     re.compile(pat)
                 except re.error as e:
                     raise ConfigError(f"{fname}: {pat!r} is not a valid regular expression ({e})") from None
+        self._check_patterns()
         bad = [r for r in self.target_roles if r not in ROLES]
         if bad:
             raise ConfigError(f"unknown target_roles {bad}; roles are {ROLES}")
@@ -122,7 +128,51 @@ class LoraLiteConfig:
         rs = self.variant_kwargs.get("use_rslora", False)
         if not isinstance(rs, bool):
             raise ConfigError(f"{self.variant}: variant_kwargs['use_rslora'] must be True or False, got {rs!r}")
+        if self.target_parameters and (self.variant != "lora" or self.dropout):
+            raise ConfigError(
+                f"target_parameters adapts expert weights with variant 'lora' and dropout=0 only (the update is "
+                f"folded into the weight, so there is no adapter input to drop out), got variant={self.variant!r} "
+                f"dropout={self.dropout}; use variant='lora', dropout=0.0, or target the experts' linear layers"
+            )
         variant.validate(self)
+
+    def _check_patterns(self) -> None:
+        for fname in ("rank_pattern", "alpha_pattern"):
+            pat = getattr(self, fname)
+            if not isinstance(pat, dict):
+                raise ConfigError(f"{fname} must be a dict {{regex: value}}, got {type(pat).__name__}")
+            for key, val in pat.items():
+                if not isinstance(key, str):
+                    raise ConfigError(f"{fname}: keys must be regex strings, got {key!r}")
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise ConfigError(f"{fname}: {key!r} is not a valid regular expression ({e})") from None
+                if fname == "rank_pattern" and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+                    raise ConfigError(f"rank_pattern[{key!r}] must be an integer >= 1, got {val!r}")
+                if fname == "alpha_pattern" and (
+                    isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val)
+                ):
+                    raise ConfigError(f"alpha_pattern[{key!r}] must be a finite number, got {val!r}")
+            setattr(self, fname, {k: (int(v) if fname == "rank_pattern" else float(v)) for k, v in pat.items()})
+
+    def pattern_key(self, fname: str, name: str) -> str | None:
+        """The key of rank_pattern / alpha_pattern that applies to layer `name`, or None: peft's rule
+        (`get_pattern_key`): the first key, in order, that matches a dot-separated suffix of the name."""
+        for key in getattr(self, fname):
+            if re.match(rf"(.*\.)?({key})$", name):
+                return key
+        return None
+
+    def for_layer(self, name: str) -> LoraLiteConfig:
+        """The config of one layer: r and alpha from rank_pattern / alpha_pattern (this config itself when
+        neither pattern applies)."""
+        rk, ak = self.pattern_key("rank_pattern", name), self.pattern_key("alpha_pattern", name)
+        if rk is None and ak is None:
+            return self
+        r = self.r if rk is None else self.rank_pattern[rk]
+        alpha = self.alpha if ak is None else self.alpha_pattern[ak]
+        return dataclasses.replace(self, r=r, alpha=alpha, rank_pattern={}, alpha_pattern={})
 
     @property
     def scale(self) -> float:
@@ -134,7 +184,7 @@ class LoraLiteConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["dtype"] = dtype_name(self.dtype)
-        for k in ("target_roles", "target_names", "exclude_names", "layers"):
+        for k in ("target_roles", "target_names", "exclude_names", "layers", "target_parameters", "modules_to_save"):
             if d[k] is not None:
                 d[k] = list(d[k])
         return d

@@ -88,6 +88,21 @@ def check_target(model: nn.Module, name: str, layer: nn.Module, variant: type, o
         check_rewritable(model, name, layer, variant, owners)
 
 
+def check_param_owner(name: str, owner: nn.Module) -> None:
+    """A target_parameters target: a real, plain parameter (experts.py swaps W + ΔW in for each call).
+    (tests/test_targets_params_patterns.py)"""
+    pname = name.rpartition(".")[2]
+    if ".parametrizations." in f".{name}":
+        raise TargetError(
+            f"target_parameters: {name} is a torch.nn.utils.parametrize parametrization's tensor; remove the "
+            "parametrization (parametrize.remove_parametrizations) before targeting it"
+        )
+    if owner._parameters[pname].is_meta:
+        raise AdapterError(
+            f"{name}: the parameter is on the meta device (no values); materialize the model before attaching"
+        )
+
+
 def check_rewritable(model: nn.Module, name: str, layer: nn.Module, variant: type, owners: Any) -> None:
     """pissa/antipasto write W_res into the weight: it must be a plain, dense, untied weight. (test_unusual_modules)"""
     how = computed_weight(layer)

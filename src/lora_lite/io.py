@@ -182,7 +182,7 @@ def load(
                 f"made on ({fps[t.name]}). Variant {t.variant.name!r} depends on the exact base weight: "
                 "load it onto the same base model it was trained on."
             )
-    want = expected(targets_, cfg)
+    want = expected(targets_, cfg, model, name)
     missing = [k for k in want if k not in tensors]
     if missing:
         raise LoadError(f"adapter {str(path)!r} is missing tensor {missing[0]!r} ({len(missing)} missing in all)")

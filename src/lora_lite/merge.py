@@ -16,11 +16,11 @@ import functools
 import torch
 from torch import nn
 
-from . import guards
+from . import experts, guards, saved
 from .errors import AdapterError
 from .named import model_state
 from .runtime import _remove
-from .state import LayerAdapter
+from .state import LayerAdapter, ParamAdapter
 from .target import computed_weight, dense_weight, is_conv1d, is_quantized, module_names, unwrap, weight_sharers
 from .variant import merge_dtype
 
@@ -42,6 +42,9 @@ def _layers(model: nn.Module, names: list[str]) -> dict[str, list[LayerAdapter]]
         for name, a in model_state(model).adapters[n].layers.items():
             layers.setdefault(name, []).append(a)
             base = a._base
+            if isinstance(a, ParamAdapter):  # an expert weight (experts.py): W + ΔW, nothing else to check
+                guards.require_outside_blocks(a._lora_lite, "ll.merge / ll.merged_state_dict", "(c = 1)")
+                continue
             if is_quantized(base):
                 raise AdapterError(
                     f"{name}: cannot merge into a quantized weight ({type(base).__name__}, {base.weight.dtype}): "
@@ -95,6 +98,9 @@ def merge(model: nn.Module, names: list[str] | str | None = None) -> list[str]:
     layers = _layers(model, chosen)
     with torch.no_grad():
         for stack in layers.values():
+            if isinstance(stack[0], ParamAdapter):
+                experts.merge(stack)
+                continue
             w, b = _merged(stack)
             base = stack[0]._base
             base.weight.data = w
@@ -102,6 +108,11 @@ def merge(model: nn.Module, names: list[str] | str | None = None) -> list[str]:
                 base.bias.data = b
             for a in stack:
                 a._lora_lite.original = None  # the merged weight replaces the original (pissa, antipasto)
+        for n in chosen:  # modules_to_save of merged adapters keep their trained values
+            info = model_state(model).adapters[n]
+            for sm in info.saved.values():
+                saved.use_trained(sm)
+            info.saved.clear()
     for n in reversed(list(model_state(model).adapters)):
         _remove(model, n)
     return list(layers)
@@ -114,13 +125,23 @@ def merged_state_dict(model: nn.Module, names: list[str] | str | None = None) ->
     """
     layers = _layers(model, _chosen(model, names))
     model = unwrap(model)
-    sd = {k: v for k, v in model.state_dict().items() if ".lora_lite." not in k}
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_lite." not in k and ".lora_lite_params." not in k}
     for info in model_state(model).adapters.values():  # rewriting adapters not merged: the original weight
         for name, a in info.layers.items():
             if name not in layers and a._lora_lite.original is not None:
                 sd[f"{name}.weight"] = a._lora_lite.original_weight(False)
+    chosen = _chosen(model, names)
+    for n, info in model_state(model).adapters.items():  # modules_to_save: trained if merged, else the original
+        for m, sm in info.saved.items():
+            values = saved.trained(sm) if n in chosen else sm.original
+            sd.update({f"{m}.{k}": v.detach().clone() for k, v in values.items()})
     aliases = module_names(model)  # a layer registered under two names has keys under both
     for name, stack in layers.items():
+        if isinstance(stack[0], ParamAdapter):  # "<owner>.<param>" is the parameter's own key
+            W = stack[0].weight
+            dt = torch.promote_types(W.dtype, torch.float32)
+            sd[name] = functools.reduce(lambda w, a: w + experts.delta(a, dt), stack, W.detach().to(dt)).to(W.dtype)
+            continue
         w, b = _merged(stack)
         for prefix in aliases.get(id(stack[0]._base), [name]):
             sd[f"{prefix}.weight"] = w

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import guards, original
+from . import guards, original, saved
 from .errors import AdapterError
 from .state import STATE, LayerAdapter, ModelState
 from .target import unwrap
@@ -60,8 +60,12 @@ def targets(model: nn.Module, name: str | None = None) -> dict[str, LayerAdapter
 
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
-    """{"<layer path>.<tensor>": tensor}: the adapter's live tensors (writing into them changes the adapter)."""
-    return {f"{layer}.{p}": getattr(a, p) for layer, a in targets(model, name).items() for p in a._lora_lite.names}
+    """{"<layer path>.<tensor>": tensor}: the adapter's live tensors (writing into them changes the adapter),
+    and `<module>.<tensor>` of its modules_to_save (their trained values)."""
+    sd = {f"{layer}.{p}": getattr(a, p) for layer, a in targets(model, name).items() for p in a._lora_lite.names}
+    for m, sm in model_state(model).adapters[resolve(model, name, "ll.adapter_state_dict")].saved.items():
+        sd.update({f"{m}.{k}": t for k, t in saved.trained(sm).items()})
+    return sd
 
 
 def set_active(model: nn.Module, names: str | list[str], *, trainable: str | list[str] | None = None) -> None:
@@ -86,6 +90,8 @@ def set_active(model: nn.Module, names: str | list[str], *, trainable: str | lis
         for a in info.layers.values():
             a._lora_lite.active = info.active
             original.use_residual(a) if info.active else original.use_original(a)
+        for sm in info.saved.values():
+            saved.use_trained(sm) if info.active else saved.use_original(sm)
     set_trainable(model)
 
 
@@ -97,3 +103,5 @@ def set_trainable(model: nn.Module) -> None:
         for a in info.layers.values():
             for p in a._lora_lite.trainable:
                 getattr(a, p).requires_grad_(info.active and info.trainable)
+        for sm in info.saved.values():
+            saved.set_trainable(sm, info.active and info.trainable)

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import fast, guards, original
+from . import experts, fast, guards, original, saved
 from .config import ConfigError, LoraLiteConfig
 from .errors import AdapterError
 from .named import adapters, model_state, set_trainable
 from .plan import Target, plan
-from .state import STACK, STATE, AdapterInfo, AdapterStack, AdapterState, LayerAdapter, ModelState
+from .state import STACK, STATE, AdapterInfo, AdapterStack, AdapterState, LayerAdapter, ModelState, ParamAdapter
 from .target import unwrap
 
 _log = logging.getLogger("lora_lite")  # attach logs what it targeted at INFO (silent by default)
@@ -66,6 +66,7 @@ def attach(
     guards.warn_fp16(cfg)
     _check_owned(model)
     targets = plan(model, cfg, name)
+    to_save = saved.find_modules(model, cfg, targets, name)
     state = getattr(model, STATE, None)
     if state is None:
         state = ModelState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
@@ -75,6 +76,8 @@ def attach(
     try:
         for t in targets:
             _add(t, cfg, info, name)
+        for n, m in to_save.items():
+            info.saved[n] = saved.keep(m)
         for variant in dict.fromkeys(t.variant for t in targets):
             if variant.group_init is not None and not _skip_group_init:
                 group = [(t.name, info.layers[t.name], t.role) for t in targets if t.variant is variant]
@@ -83,7 +86,8 @@ def attach(
             _check_finite(a)
         set_trainable(model)
         for a in info.layers.values():
-            _rehook(a._base)
+            if not isinstance(a, ParamAdapter):  # (experts.add hooked the owners of expert weights)
+                _rehook(a._base)
         guards.watch_unrun_hooks(info.layers, info.watch)
     except BaseException:
         _remove(model, name)
@@ -92,21 +96,31 @@ def attach(
         for a in info.layers.values():
             original.drop(a)
     if _log.isEnabledFor(logging.INFO):
+        note = experts.untargeted_note(model, cfg)
+        if note:
+            _log.info(note)
         n = sum(getattr(a, p).numel() for a in info.layers.values() for p in a._lora_lite.trainable)
         roles = Counter(t.role for t in targets)
-        roles = ", ".join(f"{roles[k]} {k}" for k in ("reader", "writer", "inner") if roles[k])
+        roles = ", ".join(f"{roles[k]} {k}" for k in ("reader", "writer", "inner", "expert") if roles[k])
         _log.info(f"attached {cfg.variant} to {len(targets)} layers ({roles}), {n:,} trainable params, as {name!r}")
     return [t.name for t in targets]
 
 
 def _add(t: Target, cfg: LoraLiteConfig, info: AdapterInfo, name: str) -> None:
     """Put adapter `name`'s tensors on one layer and let the variant initialise them."""
+    lcfg = t.cfg or cfg  # this layer's r / alpha (rank_pattern, alpha_pattern)
+    trainable = tuple(p for p, s in t.specs.items() if s.trainable and not s.buffer)
+    st = AdapterState(t.name, name, t.role, t.variant, lcfg, lcfg.scale, tuple(t.specs), trainable)
+    if t.param is not None:  # a 3-D expert weight (target_parameters): no stack, the owner's swap hooks
+        a = info.layers[t.name] = ParamAdapter(t.layer, st, t.param)
+        experts.add(t.layer, a, name)
+        for pname, spec in t.specs.items():
+            a.register_parameter(pname, nn.Parameter(spec.make(cfg.dtype, a.weight.device), requires_grad=False))
+        return
     stack = t.layer._modules.get(STACK)
     if stack is None:
         stack = AdapterStack()
         t.layer.add_module(STACK, stack)
-    trainable = tuple(p for p, s in t.specs.items() if s.trainable and not s.buffer)
-    st = AdapterState(t.name, name, t.role, t.variant, cfg, cfg.scale, tuple(t.specs), trainable)
     a = stack[name] = info.layers[t.name] = LayerAdapter(t.layer, st)  # first: a failure below still cleans it up
     for pname, spec in t.specs.items():
         tensor = spec.make(cfg.dtype, t.layer.weight.device)
@@ -117,7 +131,7 @@ def _add(t: Target, cfg: LoraLiteConfig, info: AdapterInfo, name: str) -> None:
     if t.variant.rewrites_weight:
         original.keep(a)
     with torch.no_grad():
-        t.variant.init(a, cfg)
+        t.variant.init(a, lcfg)
         if t.variant.rewrites_weight:
             original.compact(a)
 
@@ -243,7 +257,13 @@ def _remove(model: nn.Module, name: str) -> None:
     info = state.adapters.pop(name)
     for h in info.watch:
         h.remove()
+    for sm in info.saved.values():
+        saved.restore(sm)
+        saved.set_trainable(sm, False)  # (the flags before the first attach come back below, with no adapter left)
     for a in info.layers.values():
+        if isinstance(a, ParamAdapter):
+            experts.remove(a, name)
+            continue
         original.restore(a)
         layer = a._base
         del layer._modules[STACK][name]

@@ -94,6 +94,36 @@ class LayerAdapter(nn.Module):
         return f"{st.variant.name}, r={st.cfg.r}, alpha={st.cfg.alpha}"
 
 
+class ParamAdapter(LayerAdapter):
+    """One adapter's tensors on one 3-D expert parameter (`target_parameters`, experts.py).
+
+    `_base` is the module owning the parameter (e.g. transformers' `Qwen3MoeExperts`), `_param` its name;
+    `weight` is that parameter, (E, d_out, d_in), or (E, d_in, d_out) when the owner says `is_transposed`.
+    """
+
+    def __init__(self, base: nn.Module, st: AdapterState, param: str) -> None:
+        super().__init__(base, st)
+        self._param = param
+
+    weight = property(lambda self: self._base._parameters[self._param])
+    bias = None
+    transposed = property(lambda self: bool(getattr(self._base, "is_transposed", False)))
+    num_experts = property(lambda self: self.weight.shape[0])
+    in_features = property(lambda self: self.weight.shape[1 if self.transposed else 2])
+    out_features = property(lambda self: self.weight.shape[2 if self.transposed else 1])
+
+
+class ParamStack(nn.ModuleDict):
+    """`owner.lora_lite_params`: adapter name -> nn.ModuleDict(param name -> ParamAdapter), attach order, and the
+    owner's two hooks (the pre-hook swaps W + ΔW in for the call, the post-hook puts W back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre_handle: RemovableHandle | None = None
+        self.post_handle: RemovableHandle | None = None
+        self.swapped: dict[str, nn.Parameter] = {}  # during a call: param name -> the parameter swapped out
+
+
 class AdapterStack(nn.ModuleDict):
     """A layer's adapters in attach order, and what its two hooks need between calls."""
 
@@ -124,6 +154,18 @@ class AdapterInfo:
     active: bool = True
     trainable: bool = True  # ll.set_active(..., trainable=...): an active adapter may run frozen
     watch: list = field(default_factory=list)  # gradient-hook handles of guards.watch_unrun_hooks
+    saved: dict[str, SavedModule] = field(default_factory=dict)  # modules_to_save: module name -> its record
+
+
+@dataclass(eq=False)
+class SavedModule:
+    """A module of `modules_to_save` (saved.py): its own tensors train in place while the adapter is active;
+    `original` holds their values before attach (restored by detach, swapped in while the adapter is off)."""
+
+    module: nn.Module
+    tensors: dict[str, torch.Tensor]  # "<param or buffer name>" -> the module's live tensor (module.state_dict keys)
+    original: dict[str, torch.Tensor]  # copies of their values before attach
+    stashed: dict[str, torch.Tensor] | None = None  # while swapped out (adapter off): the trained values
 
 
 @dataclass

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import guards, original
+from . import guards, original, saved
 from .errors import AdapterError
 from .named import model_state
 from .state import STACK, LayerAdapter
@@ -46,8 +46,12 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     layers = _all(model)
     for a in layers:  # before any change
         guards.require_original(a._lora_lite, "ll.disabled (the base model)")
-    turned_off, swapped = [], []
+    turned_off, swapped, modules = [], [], []
     try:
+        for info in model_state(model).adapters.values():  # modules_to_save: their values before attach
+            for sm in info.saved.values():
+                if saved.use_original(sm):
+                    modules.append(sm)
         for a in layers:
             if not a._lora_lite.enabled:  # nested `disabled`: the outer block owns this layer
                 continue
@@ -64,6 +68,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
                 a._lora_lite.cache.pop("w_res", None)
         for a in turned_off:
             a._lora_lite.enabled = True
+        for sm in modules:
+            saved.use_trained(sm)
 
 
 def _coefficient(c: object) -> float:

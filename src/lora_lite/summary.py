@@ -11,6 +11,7 @@ dtype: `quant_storage=torch.bfloat16` packs four per element), as peft does.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from torch import nn
 
@@ -24,7 +25,7 @@ def _base_numel(model: nn.Module) -> int:
     """Every parameter that is not an adapter tensor, 4-bit packed weights counted unpacked."""
     n = 0
     for name, p in model.named_parameters():
-        if ".lora_lite." in f".{name}":
+        if ".lora_lite." in f".{name}" or ".lora_lite_params." in f".{name}":
             continue
         n += p.numel() * (2 * p.element_size() if type(p).__name__ == "Params4bit" else 1)  # two 4-bit per byte
     return n
@@ -47,7 +48,7 @@ def _rows(model: nn.Module, cfg: LoraLiteConfig | None) -> tuple[list[tuple], di
         )
     if cfg is not None and not is_attached(model):
         rows = [
-            (t.name, "default", t.role, t.variant.name, *dims(t.layer), t.layer,
+            (t.name, "default", t.role, t.variant.name, *_dims(t), _label(t.layer, t.param),
              sum(_numel(s.shape) for s in t.specs.values() if s.trainable and not s.buffer))
             for t in plan(model, cfg)
         ]  # fmt: skip
@@ -59,8 +60,23 @@ def _rows(model: nn.Module, cfg: LoraLiteConfig | None) -> tuple[list[tuple], di
         for layer, a in info.layers.items():
             st = a._lora_lite
             n = sum(getattr(a, p).numel() for p in st.trainable)
-            rows.append((layer, name, st.role, st.variant.name, *dims(a), a._base, n))
+            rows.append(
+                (layer, name, st.role, st.variant.name, *dims(a), _label(a._base, getattr(a, "_param", None)), n)
+            )
     return rows, infos, True
+
+
+def _label(layer: nn.Module, param: str | None) -> str:
+    """The base column: the layer's type and weight dtype (for an expert weight: the owner's type)."""
+    w = layer.weight if param is None else layer._parameters[param]
+    return f"{type(layer).__name__} {str(w.dtype).removeprefix('torch.')}"
+
+
+def _dims(t: Any) -> tuple[int, int]:
+    if t.param is None:
+        return dims(t.layer)
+    E, a, b = t.layer._parameters[t.param].shape
+    return (a, b) if getattr(t.layer, "is_transposed", False) else (b, a)
 
 
 def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
@@ -71,12 +87,25 @@ def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
     model = unwrap(model)
     rows, infos, attached = _rows(model, cfg)
     trainable = sum(r[-1] for r in rows)
+    whole = {  # modules_to_save: adapter -> [(module, its parameters' size)]
+        n: [
+            (m, sum(t.numel() for t in sm.tensors.values() if isinstance(t, nn.Parameter))) for m, sm in i.saved.items()
+        ]
+        for n, i in (model_state(model).adapters.items() if attached else ())
+    }
+    trainable += sum(k for n, ms in whole.items() if infos[n][1] for _, k in ms)
     total = _base_numel(model) + (
-        sum(p.numel() for n, p in model.named_parameters() if ".lora_lite." in f".{n}") if attached else trainable
+        sum(
+            p.numel()
+            for n, p in model.named_parameters()
+            if ".lora_lite." in f".{n}" or ".lora_lite_params." in f".{n}"
+        )
+        if attached
+        else trainable
     )
     head = ("layer", "adapter", "role", "variant", "shape", "base", "trainable")
     body = [
-        (layer, name, role, var, f"{d_in} -> {d_out}", f"{type(base).__name__} {str(base.weight.dtype).removeprefix('torch.')}", f"{n:,}")
+        (layer, name, role, var, f"{d_in} -> {d_out}", base, f"{n:,}")
         for layer, name, role, var, d_in, d_out, base, n in rows
     ]  # fmt: skip
     widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
@@ -84,12 +113,16 @@ def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in body]
     for name, (c, on, dropped) in infos.items():
         roles = Counter(r[2] for r in rows if r[1] == name)
-        roles = ", ".join(f"{roles[k]} {k}" for k in ("reader", "writer", "inner") if roles[k])
+        roles = ", ".join(f"{roles[k]} {k}" for k in ("reader", "writer", "inner", "expert") if roles[k])
         state = ("active" if on else "inactive") if attached else "preview (not attached)"
         lines.append(
             f"{name!r} {state}: variant={c.variant} r={c.r} alpha={c.alpha} "
             f"dtype={str(c.dtype).removeprefix('torch.')}; {sum(r[1] == name for r in rows)} targets ({roles})"
         )
+        if whole.get(name):
+            lines.append(
+                f"{name!r} modules_to_save (trained whole): " + ", ".join(f"{m} ({k:,})" for m, k in whole[name])
+            )
         if dropped:
             lines.append(
                 f"{name!r}: original weights not kept (keep_original=False): ll.detach, ll.disabled, and for pissa "

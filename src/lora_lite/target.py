@@ -250,6 +250,8 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[tuple[str, nn.Mo
         if cfg.layers is not None and block_index(name) not in cfg.layers:
             continue
         out.append((name, m, role))
+    if not out and cfg.target_parameters and not cfg.target_names and not cfg.target_roles:
+        return out  # only expert weights (experts.py): target_roles=() and no target_names
     if not out:
         rows = grouped(everything)
         listing = "\n".join(f"  {row}" for row in rows[:60])

@@ -23,6 +23,7 @@ Only safetensors files are read (no pickle).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -32,12 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import guards
+from .. import experts, guards
 from ..config import _DTYPES, REGISTRY, LoraLiteConfig, get_variant
 from ..errors import AdapterError, LoadError
 from ..io import attach_with_tensors, write_atomic
-from ..named import adapters, model_state, resolve
+from ..named import adapter_state_dict, adapters, model_state, resolve
 from ..plan import plan
+from ..state import ParamAdapter
 from ..target import all_finite, is_conv1d, is_linear_like, unwrap
 
 PREFIX = "base_model.model."
@@ -46,11 +48,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # peft LoraConfig options with no lora-lite equivalent: import refuses any that is set (truthy)
 _LORA_UNSUPPORTED = (
     "lora_bias",
-    "modules_to_save",
-    "rank_pattern",
-    "alpha_pattern",
     "layer_replication",
-    "target_parameters",
     "trainable_token_indices",
     "use_qalora",
     "alora_invocation_tokens",
@@ -97,24 +95,51 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str | None = No
             f"export_peft: {str(path)!r} is a file; peft adapters are directories (adapter_config.json + "
             f"{WEIGHTS_NAME}). Pass a directory path"
         )
-    tensors = {_key(n, k): _cpu(t) for n, a in layers.items() for k, t in a._lora_lite.variant.peft_tensors(a).items()}
+    linear = {n: a for n, a in layers.items() if not isinstance(a, ParamAdapter)}
+    params = {n: a for n, a in layers.items() if isinstance(a, ParamAdapter)}
+    tensors = {_key(n, k): _cpu(t) for n, a in linear.items() for k, t in a._lora_lite.variant.peft_tensors(a).items()}
+    for n, a in params.items():  # peft nests one ParamWrapper per parameter: the first one innermost (base_layer.)
+        mine = [p for p, _ in a._base.named_parameters(recurse=False) if f"{n.rpartition('.')[0]}.{p}" in params]
+        owner = n.rpartition(".")[0] + ".base_layer" * (len(mine) - 1 - mine.index(a._param))
+        tensors.update({_key(owner, k): _cpu(t) for k, t in experts.to_peft(a).items()})
+    mts = model_state(model).adapters[name].saved
+    sd = adapter_state_dict(model, name)
+    tensors.update({_key(m, k): _cpu(sd[f"{m}.{k}"]) for m, sm in mts.items() for k in sm.tensors})
     base = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None)
     config = {
         "peft_type": variant.peft_type,
         "task_type": None,
-        "target_modules": sorted(layers),
-        "fan_in_fan_out": all(is_conv1d(a) for a in layers.values()),
+        "target_modules": sorted(linear) if linear or not params else None,
+        "fan_in_fan_out": bool(linear) and all(is_conv1d(a) for a in linear.values()),
         **variant.peft_config(cfg, layers),
+        **_patterns(variant, cfg, layers),
         "base_model_name_or_path": base or None,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted(mts) or None,
     }
+    if params:
+        config["target_parameters"] = sorted(params)
     path.mkdir(parents=True, exist_ok=True)
     write_atomic(tensors, {"format": "pt"}, path / WEIGHTS_NAME, save_file)
     tmp = path / f".{CONFIG_NAME}.tmp"
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path / CONFIG_NAME)
     return path
+
+
+def _patterns(variant, cfg: LoraLiteConfig, layers: dict) -> dict[str, Any]:
+    """peft's rank_pattern / alpha_pattern for the layers whose r / alpha differ from the global ones: one exact
+    key per layer (peft matches a key against the end of the module name), values as the variant exports them."""
+    if not (cfg.rank_pattern or cfg.alpha_pattern):
+        return {}
+    glob = variant.peft_config(cfg, layers)
+    out: dict[str, dict] = {"rank_pattern": {}, "alpha_pattern": {}}
+    for n, a in layers.items():
+        mine = variant.peft_config(a._lora_lite.cfg, {n: a})
+        for field, pattern in (("r", "rank_pattern"), ("lora_alpha", "alpha_pattern"), ("alpha", "alpha_pattern")):
+            if field in mine and mine[field] != glob[field]:
+                out[pattern][f"^{re.escape(n)}"] = mine[field]
+    return out
 
 
 # ---------------------------------------------------------------- import
@@ -143,14 +168,16 @@ def _import_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -
     return torch.float32
 
 
-def _lora_plan(pc: dict, tensors: dict, path: Path, dtype) -> tuple[LoraLiteConfig, dict[str, dict[str, Any]]]:
+def _lora_plan(
+    pc: dict, tensors: dict, path: Path, dtype, model: nn.Module | None = None
+) -> tuple[LoraLiteConfig, dict[str, dict[str, Any]]]:
     bad = [k for k in _LORA_UNSUPPORTED if pc.get(k)]
     if pc.get("bias", "none") != "none":
         bad.insert(0, "bias")
     if bad:
         raise LoadError(
             f"{str(path)!r}: peft LoRA option(s) {bad} = {[pc[k] for k in bad]} have no lora-lite equivalent "
-            "(lora-lite trains only the adapter tensors, one rank and alpha for every layer); cannot import"
+            "(lora-lite trains only the adapter tensors and modules_to_save); cannot import"
         )
     use_dora = bool(pc.get("use_dora", False))
     variant = "dora" if use_dora else "lora"
@@ -163,32 +190,113 @@ def _lora_plan(pc: dict, tensors: dict, path: Path, dtype) -> tuple[LoraLiteConf
             "cannot re-derive (only the exact-SVD init 'pissa' without DoRA is supported). Convert it to a plain "
             "LoRA with peft: save_pretrained(dir, path_initial_model_for_weight_conversion=...), and import that"
         )
+    mts = _peft_modules_to_save(pc, model)
+    saved_tensors: dict[str, dict[str, Any]] = {}
+    for key in list(tensors):
+        m = next((m for m in mts if key.startswith(f"{PREFIX}{m}.")), None)
+        if m is not None:
+            saved_tensors.setdefault(m, {})[key[len(PREFIX) + len(m) + 1 :]] = tensors.pop(key)
+    empty = [m for m in mts if m not in saved_tensors]
+    if empty:
+        raise LoadError(
+            f"{str(path)!r}: modules_to_save {pc['modules_to_save']} selects {empty[0]} in this model, but the weights "
+            f"file has no tensors for it ({PREFIX}{empty[0]}.*): the adapter was made for another model, or is damaged"
+        )
     suffixes = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if use_dora else ())
     per: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
         name, suf = _split(key, suffixes, path)
         per.setdefault(name, {})[{"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}.get(suf, "lora_m")] = t
-    r = int(pc["r"])
+    per, params = _peft_param_targets(pc, per, model, path)
+    ranks = {}
     for name, ts in per.items():
         missing = [p for p in ("lora_A", "lora_B") + (("lora_m",) if use_dora else ()) if p not in ts]
         if missing:
             raise LoadError(f"{str(path)!r}: {name}: tensors {missing} are missing")
-        if ts["lora_A"].shape[0] != r or ts["lora_B"].shape[1] != r:
-            raise LoadError(
-                f"{str(path)!r}: {name}: rank {ts['lora_A'].shape[0]} differs from the config's r={r} "
-                "(a per-layer rank pattern is not supported)"
-            )
+        if name in params:  # peft's (E·r, d_in), (d_out, r·E) -> ours (E, r, d_in), (E, d_out, r)
+            E = params[name]
+            if ts["lora_A"].shape[0] % E or ts["lora_B"].shape[1] != ts["lora_A"].shape[0]:
+                raise LoadError(f"{str(path)!r}: {name}: lora_A / lora_B shapes do not fit {E} experts")
+            ts["lora_A"], ts["lora_B"] = experts.from_peft(ts["lora_A"], ts["lora_B"], E)
+            ranks[name] = ts["lora_A"].shape[1]
+        else:
+            ranks[name] = ts["lora_A"].shape[0]
+    linear = sorted(n for n in per if n not in params)
+    names = list(per)
     cfg = LoraLiteConfig(
         variant=variant,
-        r=r,
+        r=int(pc["r"]),
         alpha=float(pc.get("lora_alpha", 8)),
         dropout=float(pc.get("lora_dropout", 0.0)),
-        dtype=_import_dtype(tensors, dtype),
-        target_names=_exact(sorted(per)),
+        dtype=_import_dtype({**tensors, **{k: v for ts in saved_tensors.values() for k, v in ts.items()}}, dtype),
+        target_names=_exact(linear),
+        target_roles=("reader", "writer") if linear else (),
         exclude_names=(),
         variant_kwargs={"use_rslora": True} if pc.get("use_rslora") else {},
+        target_parameters=_exact(sorted(params)),
+        # keys matching no target never applied in peft either (it warns): left out, as lora-lite refuses them
+        rank_pattern={k: v for k, v in (pc.get("rank_pattern") or {}).items() if _applies(k, names)},
+        alpha_pattern={k: v for k, v in (pc.get("alpha_pattern") or {}).items() if _applies(k, names)},
+        modules_to_save=_exact(mts),
     )
+    for name, r in ranks.items():
+        if cfg.for_layer(name).r != r:
+            raise LoadError(
+                f"{str(path)!r}: {name}: rank {r} differs from the config's r={cfg.for_layer(name).r} for this layer "
+                "(r, or its rank_pattern entry)"
+            )
+    per.update(saved_tensors)
     return cfg, per
+
+
+def _applies(key: str, names: list[str]) -> bool:
+    return any(re.match(rf"(.*\.)?({key})$", n) for n in names)
+
+
+def _peft_modules_to_save(pc: dict, model: nn.Module | None) -> list[str]:
+    """The modules peft wraps for `modules_to_save` (peft 0.21.2 `_set_trainable`: a name ending with an entry),
+    outermost first."""
+    entries = pc.get("modules_to_save") or []
+    if not entries or model is None:
+        return []
+    out: list[str] = []
+    for n, _ in model.named_modules():
+        if n and any(n.endswith(e) for e in entries) and not any(n.startswith(o + ".") for o in out):
+            out.append(n)
+    return out
+
+
+def _peft_param_targets(pc: dict, per: dict, model: nn.Module | None, path: Path) -> tuple[dict, dict[str, int]]:
+    """peft's `target_parameters` keys `<owner>(.base_layer)*` -> `<owner>.<param>` (peft nests one ParamWrapper
+    per parameter, the first of the owner's parameters innermost), and {that name: number of experts}."""
+    want = pc.get("target_parameters") or []
+    if not want or model is None:
+        return per, {}
+    modules = dict(model.named_modules())
+    out, params = {}, {}
+    for name, ts in per.items():
+        owner, depth = name, 0
+        while owner.endswith(".base_layer"):
+            owner, depth = owner[: -len(".base_layer")], depth + 1
+        m = modules.get(owner)
+        mine = [] if m is None else [
+            p for p, _ in m.named_parameters(recurse=False)
+            if any(f"{owner}.{p}" == t or f"{owner}.{p}".endswith("." + t) for t in want)
+        ]  # fmt: skip
+        if not mine:
+            out[name] = ts
+            continue
+        if depth >= len(mine):
+            raise LoadError(f"{str(path)!r}: {name}: more nested base_layer than targeted parameters of {owner}")
+        pname = mine[len(mine) - 1 - depth]
+        p = m._parameters[pname]
+        if p.dim() != 3:
+            raise LoadError(
+                f"{str(path)!r}: target_parameters {owner}.{pname} has {p.dim()} dimensions; lora-lite adapts 3-D "
+                "expert weights only"
+            )
+        out[f"{owner}.{pname}"], params[f"{owner}.{pname}"] = ts, p.shape[0]
+    return out, params
 
 
 def _ia3_plan(pc: dict, tensors: dict, path: Path, dtype) -> tuple[LoraLiteConfig, dict[str, dict[str, Any]]]:
@@ -281,7 +389,7 @@ def import_peft(
     if not tensors:
         raise LoadError(f"{str(path)!r}: {WEIGHTS_NAME} holds no tensors")
     kind = pc.get("peft_type")
-    plans = {"LORA": _lora_plan, "IA3": _ia3_plan}
+    plans = {"LORA": functools.partial(_lora_plan, model=model), "IA3": _ia3_plan}
     plans.update({v.peft_type: _variant_plan(v) for v in REGISTRY.values() if v.peft_import is not None})
     if kind not in plans:
         raise LoadError(
@@ -302,13 +410,15 @@ def import_peft(
                         "pass allow_nonfinite=True to import it anyway"
                     )
     modules = dict(model.named_modules())
-    absent = [n for n in per if n not in modules]
+    tmodules = {n for n, ts in per.items() if not any(k.startswith("lora_") for k in ts)}  # modules_to_save
+    params = {n for n in per if n not in modules and n.rpartition(".")[0] in modules}  # target_parameters
+    absent = [n for n in per if n not in modules and n not in params]
     if absent:
         raise LoadError(
             f"{str(path)!r}: module {absent[0]!r} ({len(absent)} in all) is not in this model; "
             "pass the base model the adapter was made for (the model peft wrapped)"
         )
-    odd = [n for n in per if not is_linear_like(modules[n])]
+    odd = [n for n in per if n in modules and n not in tmodules and not is_linear_like(modules[n])]
     if odd:
         raise LoadError(f"{str(path)!r}: {odd[0]}: {type(modules[odd[0]]).__name__} is not a linear layer")
     try:
@@ -322,5 +432,13 @@ def import_peft(
                     f"{str(path)!r} does not fit this model: {t.name}.{p} has shape {tuple(v.shape)} in the file, "
                     f"this model needs {tuple(t.specs[p].shape)}"
                 )
+    for n in tmodules:
+        have = modules[n].state_dict()
+        bad = [k for k in have if k not in per[n] or tuple(per[n][k].shape) != tuple(have[k].shape)]
+        bad += [k for k in per[n] if k not in have]
+        if bad:
+            raise LoadError(
+                f"{str(path)!r}: modules_to_save {n}.{bad[0]}: missing, unexpected or of another shape than this model's"
+            )
     tensors = {f"{n}.{p}": v for n, ts in per.items() for p, v in ts.items()}
     return attach_with_tensors(model, cfg, name, tensors, keep_original)
