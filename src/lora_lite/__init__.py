@@ -1,6 +1,7 @@
 """lora-lite: LoRA-family adapters as forward hooks, one short file per variant."""
 
 from . import variants  # noqa: F401  (registers the built-in variants)
+from .combine import combine
 from .config import REGISTRY, ConfigError, LoraLiteConfig
 from .distributed import fsdp_ignored_params
 from .errors import AdapterError, LoadError
@@ -30,6 +31,7 @@ __all__ = [
     "adapter_state_dict",
     "adapters",
     "attach",
+    "combine",
     "detach",
     "disabled",
     "export_peft",
