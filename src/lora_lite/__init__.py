@@ -8,6 +8,7 @@ from .errors import AdapterError, LoadError
 from .interop.peft import export_peft, import_peft
 from .io import load, read_adapter, save
 from .merge import merge, merged_state_dict
+from .mixed import per_sample
 from .named import active, adapter_state_dict, adapters, is_attached, set_active, targets
 from .reference import reference_model
 from .runtime import attach, detach
@@ -42,6 +43,7 @@ __all__ = [
     "load",
     "merge",
     "merged_state_dict",
+    "per_sample",
     "read_adapter",
     "reference_model",
     "register",
