@@ -296,3 +296,16 @@ def test_truncation_error_is_logged(caplog):
     with caplog.at_level(logging.INFO, logger="lora_lite"):
         ll.combine(model, {"a": 1.0, "b": 2.0}, "c", method="svd", r=1)
     assert "rank-1 SVD truncation, relative error max" in caplog.text
+
+
+def test_docs_arithmetic_page_runs():
+    """docs/arithmetic.md's python blocks run, in order, in one namespace."""
+    from test_docs import DOCS, python_blocks
+
+    ns = {"__name__": "__main__"}
+    page = DOCS / "arithmetic.md"
+    blocks = python_blocks(page)
+    assert len(blocks) == 2
+    for line, code in blocks:
+        exec(compile("\n" * (line - 1) + code, str(page), "exec"), ns)
+    assert ll.adapters(ns["model"]) == ["counting", "evens", "both"]

@@ -54,26 +54,30 @@ def _row(entry: object, i: int) -> tuple[str, ...]:
     raise AdapterError(f"ll.per_sample: names[{i}] must be an adapter name, None or a tuple of names, got {entry!r}")
 
 
-def _plan(stack: AdapterStack, rows: list[tuple[str, ...]], device: torch.device) -> Rows:
-    by_set: dict[tuple[LayerAdapter, ...], list[int]] = {}
-    for i, names in enumerate(rows):
-        by_set.setdefault(tuple(a for a in stack.order if a._lora_lite.adapter in names), []).append(i)
-    groups = [(torch.tensor(ix, device=device), adapters) for adapters, ix in by_set.items()]
-    inv = torch.argsort(torch.cat([ix for ix, _ in groups]))
-    used = [a for adapters in by_set for a in adapters]
-    lowrank = all(len(s) <= 1 for s in by_set) and all(
-        a._lora_lite.variant.delta_factors is not None and not a._lora_lite.variant.rewrites_weight for a in used
+def _plan(stack: AdapterStack, rows: list[tuple[str, ...]], device: torch.device, cache: dict) -> Rows:
+    """The layer's groups of rows; the index tensors are shared by every layer holding the same adapters."""
+    on_layer = tuple(stack)  # adapter names, attach order
+    key = (on_layer, device)
+    if key not in cache:
+        by_set: dict[tuple[str, ...], list[int]] = {}
+        for i, names in enumerate(rows):
+            by_set.setdefault(tuple(n for n in on_layer if n in names), []).append(i)
+        idx = [torch.tensor(ix, device=device) for ix in by_set.values()]
+        used = list(dict.fromkeys(n for s in by_set for n in s))
+        slot = {n: k for k, n in enumerate(used)}
+        which = [slot[s[0]] if s else len(used) for s, ix in by_set.items() for _ in ix]
+        order = [i for ix in by_set.values() for i in ix]
+        slot_of_row = torch.tensor([w for _, w in sorted(zip(order, which))], device=device)
+        cache[key] = (list(by_set), idx, torch.argsort(torch.cat(idx)), used, slot_of_row)
+    sets, idx, inv, used, slot_of_row = cache[key]
+    groups = [(ix, tuple(stack[n] for n in s)) for ix, s in zip(idx, sets)]
+    lowrank = all(len(s) <= 1 for s in sets) and all(
+        stack[n]._lora_lite.variant.delta_factors is not None and not stack[n]._lora_lite.variant.rewrites_weight
+        for n in used
     )
-    slots = slot_of_row = None
-    if lowrank and used:
-        slots = tuple(dict.fromkeys(used))
-        slot = {s: k for k, s in enumerate(slots)}
-        which = [len(slots)] * len(rows)
-        for adapters, ix in by_set.items():
-            for i in ix:
-                which[i] = slot[adapters[0]] if adapters else len(slots)
-        slot_of_row = torch.tensor(which, device=device)
-    return Rows(len(rows), groups, inv, slots, slot_of_row)
+    if not (lowrank and used):
+        return Rows(len(rows), groups, inv, None, None)
+    return Rows(len(rows), groups, inv, tuple(stack[n] for n in used), slot_of_row)
 
 
 @contextmanager
@@ -105,7 +109,8 @@ def per_sample(model: nn.Module, names: Sequence[str | None | tuple[str, ...]]) 
             if st.variant.rewrites_weight and any(st.adapter not in r for r in rows):
                 guards.require_original(st, "ll.per_sample (the rows without it need the original weight)")
                 original.original_weight(a)  # built now, outside the forward
-    plans = {k: _plan(s, rows, s.order[0].weight.device) for k, s in stacks.items()}
+    cache: dict = {}
+    plans = {k: _plan(s, rows, s.order[0].weight.device, cache) for k, s in stacks.items()}
     try:
         for k, stack in stacks.items():
             stack.rows = plans[k]
