@@ -309,3 +309,24 @@ def test_docs_arithmetic_page_runs():
     for line, code in blocks:
         exec(compile("\n" * (line - 1) + code, str(page), "exec"), ns)
     assert ll.adapters(ns["model"]) == ["counting", "evens", "both"]
+
+
+@torch.no_grad()
+def test_gpt2_conv1d_layout():
+    """GPT-2's Conv1D stores W as (d_in, d_out): cat (factors) and svd over pissa (dense, against the original
+    weight) give the layers' own updates; the model output of a weight-1 combination equals the source's."""
+    from _parity import base_model
+
+    model = base_model("gpt2")
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    ll.attach(model, ll.LoraLiteConfig(r=4, alpha=8.0, layers=(0,)), name="a")
+    ll.attach(model, ll.LoraLiteConfig(variant="pissa", r=4, alpha=8.0, layers=(1,)), name="p")
+    _perturb(model, "a", 0)
+    _perturb(model, "p", 1)
+    want = model(input_ids=ids).logits
+    ll.combine(model, {"a": 1.0}, "cat", method="cat")
+    ll.set_active(model, ["cat", "p"])
+    _close(model(input_ids=ids).logits, want)
+    ll.detach(model, "cat")
+    ll.combine(model, {"a": 1.0, "p": 1.0}, "both", method="svd", r=32, detach_sources=True)
+    _close(model(input_ids=ids).logits, want)

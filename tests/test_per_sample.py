@@ -193,3 +193,30 @@ def test_length_not_batch_size_and_inactive_and_nesting():
             with ll.per_sample(model, ["a", None, "a"]):
                 pass
         model(x)
+
+
+def test_gpt2_conv1d_with_pissa_and_dora():
+    """GPT-2's Conv1D layout (biases): pissa on block 0 (rows without it need the original weight), dora on
+    block 1; a mixed batch of sequences equals each row alone."""
+    from _parity import base_model
+
+    model = base_model("gpt2")
+    ll.attach(model, ll.LoraLiteConfig(variant="pissa", r=4, alpha=8.0, layers=(0,)), name="p")
+    ll.attach(model, ll.LoraLiteConfig(variant="dora", r=4, alpha=8.0, layers=(1,)), name="d")
+    _perturb(model, "p", 0)
+    _perturb(model, "d", 1)
+    names = ["p", None, "d", ("p", "d"), "p"]
+    ids = llama_batch(batch=len(names))
+    with torch.no_grad():
+        with ll.per_sample(model, names):
+            y = model(input_ids=ids).logits
+        outs = []
+        for i, n in enumerate(names):
+            s = [] if n is None else [n] if isinstance(n, str) else list(n)
+            if s:
+                ll.set_active(model, s)
+                outs.append(model(input_ids=ids[i : i + 1]).logits)
+            else:
+                with ll.disabled(model):
+                    outs.append(model(input_ids=ids[i : i + 1]).logits)
+    _close(y, torch.cat(outs))
