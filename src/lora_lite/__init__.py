@@ -1,12 +1,14 @@
 """lora-lite: LoRA-family adapters as forward hooks, one short file per variant."""
 
 from . import variants  # noqa: F401  (registers the built-in variants)
+from .combine import combine
 from .config import REGISTRY, ConfigError, LoraLiteConfig
 from .distributed import fsdp_ignored_params
 from .errors import AdapterError, LoadError
 from .interop.peft import export_peft, import_peft
 from .io import load, read_adapter, save
 from .merge import merge, merged_state_dict
+from .mixed import per_sample
 from .named import active, adapter_state_dict, adapters, is_attached, set_active, targets
 from .reference import reference_model
 from .runtime import attach, detach
@@ -30,6 +32,7 @@ __all__ = [
     "adapter_state_dict",
     "adapters",
     "attach",
+    "combine",
     "detach",
     "disabled",
     "export_peft",
@@ -40,6 +43,7 @@ __all__ = [
     "load",
     "merge",
     "merged_state_dict",
+    "per_sample",
     "read_adapter",
     "reference_model",
     "register",

@@ -353,3 +353,26 @@ def refuse_copy_inside_blocks(st: Any) -> None:
             f"keep the adapter {describe(st.enabled, st.coef)} for good. Copy it outside the block; for a "
             "plain copy of the base model, copy outside the block and ll.detach(copy)."
         )
+
+
+def check_layer_targets_only(info: Any, name: str, what: str) -> None:
+    """ll.combine and hotswap work on layer adapters; expert weights (target_parameters) and modules_to_save
+    are refused naming the adapter, rather than dropped from the result. (tests/test_combine.py)"""
+    extra = "modules_to_save" if info.saved else "target_parameters" if info.cfg.target_parameters else None
+    if extra:
+        raise AdapterError(
+            f"{what}: adapter {name!r} uses {extra}, which {what} does not support (only adapters on layers); "
+            "nothing was changed"
+        )
+
+
+def check_per_sample(state: Any) -> None:
+    """ll.per_sample routes rows through the layer hooks; expert weights (target_parameters) and modules_to_save
+    act outside them, so every row would get them: refused, naming the adapter. (tests/test_per_sample.py)"""
+    for n, info in state.adapters.items():
+        what = "modules_to_save" if info.saved else "target_parameters" if info.cfg.target_parameters else None
+        if what and info.active:
+            raise AdapterError(
+                f"ll.per_sample: adapter {n!r} uses {what}, which apply to the whole batch, not per row; "
+                f"deactivate it (ll.set_active) or run its rows in a batch of their own"
+            )

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import guards, original
+from . import guards, hotswap, original
 from .config import LoraLiteConfig
 from .errors import AdapterError, LoadError
 from .named import adapter_state_dict, adapters, model_state, resolve, targets
@@ -155,15 +155,20 @@ def load(
     *,
     allow_nonfinite: bool = False,
     keep_original: bool = True,
+    replace: bool = False,
 ) -> list[str]:
     """Attach the adapter saved in `path` as adapter `name` (default: the name in the file) and load its
     tensors strictly. Every check runs before the model is touched: on any error the model is unchanged.
     No calibration data is needed (data-initialised variants load their tensors from the file).
-    keep_original: as in `attach`.
+    keep_original: as in `attach`. replace=True: hotswap into the attached adapter `name` instead, in place
+    (hotswap.py: no new hooks, a compiled model keeps its graph).
     """
     guards.check_flag(keep_original, "keep_original")
+    guards.check_flag(replace, "replace")
     cfg, fps, tensors, stored = _read(path)
     model, name = unwrap(model), stored if name is None else name
+    if replace:
+        return hotswap.swap_in(model, path, cfg, fps, tensors, name, allow_nonfinite)
     guards.check_name(name, adapters(model))
     try:
         targets_ = plan(model, cfg, name)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import experts, fast, guards, original, saved
+from . import experts, fast, guards, mixed, original, saved
 from .config import ConfigError, LoraLiteConfig
 from .errors import AdapterError
 from .named import adapters, model_state, set_trainable
@@ -180,6 +180,8 @@ def _input_hook(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[
     adapter sees, for `_output_hook`."""
     stack: AdapterStack = layer._modules[STACK]
     guards.same_state_as_forward(stack)
+    if stack.rows is not None:  # inside ll.per_sample: each group of rows through its own adapters
+        return mixed.input_hook(layer, stack, args, kwargs)
     x0, key = guards.layer_input(layer, args, kwargs, stack.order[0]._lora_lite.name)
     x, seen = x0, {} if stack.outputs else None
     for a in reversed(stack.order):
@@ -204,6 +206,8 @@ def _output_hook(layer: nn.Module, args: tuple, kwargs: dict[str, Any], y: Any) 
     stack: AdapterStack = layer._modules[STACK]
     if stack.pre_handle is None:  # (else the pre-hook checked this call already)
         guards.same_state_as_forward(stack)
+    if stack.rows is not None:  # inside ll.per_sample
+        return mixed.output_hook(layer, stack, args, kwargs, y)
     seen, stack.seen = stack.seen, None
     first = True
     for a in stack.outputs:

@@ -135,6 +135,8 @@ class AdapterStack(nn.ModuleDict):
         self.post_handle: RemovableHandle | None = None
         self.pre_handle: RemovableHandle | None = None
         self.seen: dict[int, torch.Tensor] | None = None  # per call: id(output adapter) -> the x it sees
+        # (inside ll.per_sample: a list of such dicts, one per group of rows)
+        self.rows: Any = None  # inside ll.per_sample: this layer's plan for the mixed batch (mixed.Rows)
         self.forward_states: set[tuple] = set()  # stack states of the calls since the last backward
         self.recomputed = False  # a checkpointed forward was recomputed in backward since the last call
 

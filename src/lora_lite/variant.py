@@ -96,6 +96,11 @@ class Variant:
     # b (d_out,) or None are the effective weight and bias of the layer as the adapters below this one left it
     # (the base layer's, for a lone adapter), dense, in `merge_dtype(layer)`. None: the variant cannot merge.
     merged_weight: Callable[[nn.Module, Tensor, Tensor | None], tuple[Tensor, Tensor | None]] | None = None
+    # ll.combine / ll.per_sample: delta_factors(layer) -> (B (d_out, k), A (k, d_in), s) when the adapter's update is
+    # additive low-rank, merged_weight(layer, W, b) == (W + s·B A, b) and forward(x, y) == y + s·(drop(x) Aᵀ) Bᵀ, with
+    # B, A the live tensors (lora: lora_B, lora_A, alpha/r). "cat" is then exact, "linear"/"ties"/... mix the factors
+    # as peft does, and mixed batches take a batched matmul. None: combine uses merged_weight (ΔW truncated by SVD).
+    delta_factors: Callable[[nn.Module], tuple[Tensor, Tensor, float]] | None = None
     # Rewriting variants: residual_factors(layer) -> (L (d_out, k), R (k, d_in)) with W − W_res = L R, called right
     # after init, so the runtime restores W bit for bit without a dense copy (original.py). None: a dense copy.
     residual_factors: Callable[[nn.Module], tuple[Tensor, Tensor]] | None = None

@@ -66,6 +66,7 @@ class EVA(Variant):
 
     forward = staticmethod(LoRA.forward)
     merged_weight = staticmethod(LoRA.merged_weight)
+    delta_factors = staticmethod(LoRA.delta_factors)
     peft_type, peft_tensors, peft_config = "LORA", staticmethod(LoRA.peft_tensors), staticmethod(LoRA.peft_config)
 
     @staticmethod

@@ -70,6 +70,11 @@ class LoRA(Variant):
         return W + layer._lora_lite.scale * (layer.lora_B.to(W.dtype) @ layer.lora_A.to(W.dtype)), b
 
     @staticmethod
+    def delta_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """ΔW = s·B A (ll.combine, ll.per_sample)."""
+        return layer.lora_B, layer.lora_A, layer._lora_lite.scale
+
+    @staticmethod
     def peft_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": layer.lora_A, "lora_B.weight": layer.lora_B}
 
