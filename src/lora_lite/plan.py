@@ -13,7 +13,7 @@ from torch import nn
 
 from . import guards
 from .config import ConfigError, LoraLiteConfig, get_variant
-from .target import dims, find_targets, unhooked_linears, weight_sharers
+from .target import dims, find_targets, kind_of, unhooked_linears, weight_sharers
 from .variant import ParamSpec, Variant
 
 
@@ -31,6 +31,7 @@ def plan(model: nn.Module, cfg: LoraLiteConfig, adapter: str = "default") -> lis
     base = get_variant(cfg.variant)
     targets, owners, unhooked = [], None, unhooked_linears(model)
     for name, layer, role in find_targets(model, cfg):
+        guards.check_kind(name, layer, kind_of(layer), base)  # (embeddings, convolutions: routed by role below)
         variant = base.route(name, role, cfg)
         if variant.rewrites_weight and owners is None:
             owners = weight_sharers(model)

@@ -204,7 +204,7 @@ def _output_hook(layer: nn.Module, args: tuple, kwargs: dict[str, Any], y: Any) 
         else:
             x = args[0] if args else guards.layer_input(layer, args, kwargs, st.name)[0]
         dtype = guards.adapter_dtype(a, x)
-        if x.dtype != dtype:  # hot path: no .to() call when nothing is cast (the common case)
+        if x.dtype != dtype and x.is_floating_point():  # hot path: no .to() when nothing is cast; ids never are
             x = x.to(dtype)
         if st.coef != 1.0:  # inside ll.scaled(model, c)
             out = st.variant.scaled_forward(a, x, y, st.coef)
