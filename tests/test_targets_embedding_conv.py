@@ -198,6 +198,13 @@ def test_merge_detach_save_load(kind: str, variant: str, tmp_path) -> None:
     fresh = MODELS[kind][0]()
     ll.load(fresh, tmp_path / "a.safetensors")
     assert torch.equal(output(fresh, kind, b), want)
+    with ll.scaled(ours, 0.0):
+        assert torch.equal(output(ours, kind, b), y0)
+    with ll.disabled(ours):
+        assert torch.equal(output(ours, kind, b), y0)
+    with ll.scaled(ours, 0.5):
+        half = output(ours, kind, b)
+    assert rel_err(half, y0) > 1e-4 and rel_err(half, want) > 1e-4
     merged = copy.deepcopy(ours)
     ll.merge(merged)
     assert rel_err(output(merged, kind, b), want) <= RTOL
@@ -264,7 +271,7 @@ def test_tied_embedding_is_adapted_on_input_only_and_merge_refuses() -> None:
         (
             "hra",
             "embed_tokens",
-            r"model.embed_tokens: variant 'hra' cannot adapt a Embedding .* adapt embedding layers: dora, lora",
+            r"model.embed_tokens: variant 'hra' cannot adapt this Embedding .* adapt embedding layers: dora, lora",
         ),
         ("ia3", "embed_tokens", r"variant 'ia3' cannot adapt"),
         ("pissa", "embed_tokens", r"variant 'pissa' cannot adapt .* dora, lora"),

@@ -58,7 +58,7 @@ def check_kind(name: str, layer: nn.Module, kind: str, variant: type) -> None:
     if kind not in variant.kinds:
         able = sorted(n for n, v in REGISTRY.items() if kind in v.kinds)
         raise TargetError(
-            f"{name}: variant {variant.name!r} cannot adapt a {type(layer).__name__} (kind {kind!r}; it adapts "
+            f"{name}: variant {variant.name!r} cannot adapt this {type(layer).__name__} (kind {kind!r}; it adapts "
             f"{', '.join(variant.kinds)} layers). Variants that adapt {kind} layers: {', '.join(able) or 'none'}. "
             "Use one of those, or leave this layer out of target_names."
         )
