@@ -315,3 +315,33 @@ def test_dilated_convolution_trains_and_merges_but_is_not_exported(tmp_path) -> 
     assert rel_err(merged(x), want) <= RTOL
     with pytest.raises(ll.ConfigError, match=r"c: dilation=\(2, 2\): peft 0.21.2 builds its lora_A without"):
         ll.export_peft(net, tmp_path)
+
+
+def test_import_refuses_other_embeddings_tied_adapters_and_dilation(tmp_path) -> None:
+    import json
+
+    pm, _, _ = twins("llama", "lora")
+    pm.save_pretrained(str(tmp_path / "p"))  # (peft also saves the embedding's own weight: save_embedding_layers)
+    other = tiny_llama()
+    with torch.no_grad():
+        other.model.embed_tokens.weight[3] += 1.0
+    sd = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ll.LoadError, match=r"base weight for 'model.embed_tokens' .* differs from this model's"):
+        ll.import_peft(other, tmp_path / "p")
+    assert not ll.is_attached(other) and all(torch.equal(v, sd[k]) for k, v in other.state_dict().items())
+    cfg_path = tmp_path / "p" / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "ensure_weight_tying": True}))
+    with pytest.raises(ll.LoadError, match=r"\['ensure_weight_tying'\]"):
+        ll.import_peft(tiny_llama(), tmp_path / "p")
+
+    from peft import LoraConfig, get_peft_model
+
+    def dilated() -> nn.Module:
+        torch.manual_seed(0)
+        net = nn.Sequential()
+        net.add_module("c", nn.Conv2d(3, 4, 3, dilation=2))
+        return net
+
+    get_peft_model(dilated(), LoraConfig(r=2, target_modules=["c"])).save_pretrained(str(tmp_path / "d"))
+    with pytest.raises(ll.LoadError, match=r"c: dilation=\(2, 2\): peft 0.21.2's lora_A ignores"):
+        ll.import_peft(dilated(), tmp_path / "d")

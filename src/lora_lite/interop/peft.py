@@ -4,7 +4,9 @@ export_peft: lora (also rslora), eva and pissa as peft LoRA, dora as LoRA with u
 layers as `feedforward_modules`) as IA3, so `peft.PeftModel.from_pretrained(base, dir)` on the
 unmodified base reproduces the adapted model. Tensor keys are `base_model.model.<module name>.<tensor>`
 (peft 0.21.2 `get_peft_model_state_dict`): lora_A.weight (r, d_in), lora_B.weight (d_out, r),
-lora_magnitude_vector (d_out,), ia3_l ((d_out, 1), or (1, d_in) for feed-forward layers).
+lora_magnitude_vector (d_out,), ia3_l ((d_out, 1), or (1, d_in) for feed-forward layers); on an nn.Embedding
+lora_embedding_A (r, vocab) and lora_embedding_B (d, r), on a convolution the kernels (r, c_in, *k), (c_out, r, 1, ...)
+and the magnitude (1, c_out, 1, ...).
 `target_modules` lists the full module names (peft matches a list entry equal to the module name).
 Module names are relative to the model passed in: export from, and serve on, the same model class.
 Each variant converts its own tensors (`Variant.peft_type`, `peft_tensors`, `peft_config`): pissa, for one,
