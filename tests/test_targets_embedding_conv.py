@@ -345,3 +345,40 @@ def test_import_refuses_other_embeddings_tied_adapters_and_dilation(tmp_path) ->
     get_peft_model(dilated(), LoraConfig(r=2, target_modules=["c"])).save_pretrained(str(tmp_path / "d"))
     with pytest.raises(ll.LoadError, match=r"c: dilation=\(2, 2\): peft 0.21.2's lora_A ignores"):
         ll.import_peft(dilated(), tmp_path / "d")
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's scaled word embedding: the output times a scalar `embed_scale` buffer."""
+
+    def __init__(self, *a, scale: float, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.register_buffer("embed_scale", torch.tensor(scale), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embed_scale
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_scaled_embedding_as_peft(variant: str) -> None:
+    """peft scales the update by the layer's `embed_scale` (Gemma); so do we, and merge agrees."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.add_module("emb", ScaledEmbedding(50, 12, scale=3.0, padding_idx=1))
+    base.add_module("out", nn.Linear(12, 5))
+    pm = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["emb"], use_dora=variant == "dora")
+    )
+    ours = copy.deepcopy(base)
+    ll.attach(ours, ll.LoraLiteConfig(variant=variant, r=4, alpha=8, target_names=("emb",)))
+    pl, ol = pm.base_model.model.emb, ad(ours.emb)
+    with torch.no_grad():
+        for p, (t, to_ours) in mapping(pl).items():
+            t.add_(0.3 * torch.randn(t.shape))
+            getattr(ol, p).copy_(to_ours(t))
+    ids = torch.randint(0, 50, (3, 7))
+    want = pm(ids)
+    assert rel_err(ours(ids), want) <= RTOL and rel_err(want, base(ids)) > 1e-2
+    ll.merge(ours)
+    assert rel_err(ours(ids), want) <= RTOL

@@ -14,7 +14,7 @@ c = 1: the adapter, c = −1: the opposite update).
 
 Checked against peft 0.21.2 `peft/tuners/lora/layer.py` (`LoraLayer.update_layer`, `reset_lora_parameters`,
 `Linear.forward`). Deviation: none in the math; s is applied to the r-dim side and y + h Bᵀ is one fused
-addmm (same value to float rounding).
+addmm (same value to float rounding). Embeddings and convolutions: lora_embedding.py, lora_conv.py (`routed`).
 
 Notes: docs/variants/lora.md.
 """
