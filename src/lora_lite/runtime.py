@@ -94,7 +94,7 @@ def attach(
     if _log.isEnabledFor(logging.INFO):
         n = sum(getattr(a, p).numel() for a in info.layers.values() for p in a._lora_lite.trainable)
         roles = Counter(t.role for t in targets)
-        roles = ", ".join(f"{roles[k]} {k}" for k in ("reader", "writer", "inner") if roles[k])
+        roles = ", ".join(f"{roles[k]} {k}" for k in ("reader", "writer", "inner", "embedding", "conv") if roles[k])
         _log.info(f"attached {cfg.variant} to {len(targets)} layers ({roles}), {n:,} trainable params, as {name!r}")
     return [t.name for t in targets]
 
