@@ -158,6 +158,12 @@ def _hra(size: Size):
     return HRAConfig(r=size.r, target_modules=list(PROJ))
 
 
+def _lora_embed(size: Size):
+    from peft import LoraConfig
+
+    return LoraConfig(r=size.r, lora_alpha=size.alpha, lora_dropout=0.0, target_modules=[*PROJ, "embed_tokens"])
+
+
 def _ia3(size: Size, ff: tuple[str, ...] = ()):
     from peft import IA3Config
 
@@ -186,6 +192,8 @@ CASES: list[Case] = [
     Case("hra", {}, _hra),
     Case("eva", {}, _eva, calib=True),
     Case("antipasto", {}, None),
+    # lora on the input embeddings + all projections (embed_tokens: a row gather of Aᵀ, never the vocab × d ΔW)
+    Case("lora_embed", {"variant": "lora", "target_names": (*TARGET_RE, r"^model\.embed_tokens$")}, _lora_embed),
 ]
 
 
@@ -193,7 +201,8 @@ def ours_cfg(case: Case, size: Size, **extra) -> ll.LoraLiteConfig:
     kw = dict(case.ours or {})
     kw.setdefault("variant", case.name)
     kw.update(extra)
-    return ll.LoraLiteConfig(r=size.r, alpha=size.alpha, target_names=TARGET_RE, **kw)
+    kw.setdefault("target_names", TARGET_RE)
+    return ll.LoraLiteConfig(r=size.r, alpha=size.alpha, **kw)
 
 
 def ours_available(case: Case) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError, LoraLiteConfig
+from .config import REGISTRY, ConfigError, LoraLiteConfig
 from .errors import AdapterError
 from .target import TargetError, all_finite, computed_weight, is_quantized
 
@@ -59,6 +59,18 @@ def check_flag(value: object, what: str) -> None:
 
 
 # ---------------------------------------------------------------- targets (before anything is attached)
+
+
+def check_kind(name: str, layer: nn.Module, kind: str, variant: type) -> None:
+    """A target_names match on a module kind the variant cannot adapt (hra on an nn.Embedding): name the variants
+    that can, from the registry's `kinds`. (tests/test_targets_embedding_conv.py)"""
+    if kind not in variant.kinds:
+        able = sorted(n for n, v in REGISTRY.items() if kind in v.kinds)
+        raise TargetError(
+            f"{name}: variant {variant.name!r} cannot adapt this {type(layer).__name__} (kind {kind!r}; it adapts "
+            f"{', '.join(variant.kinds)} layers). Variants that adapt {kind} layers: {', '.join(able) or 'none'}. "
+            "Use one of those, or leave this layer out of target_names."
+        )
 
 
 def check_target(model: nn.Module, name: str, layer: nn.Module, variant: type, owners: Any, unhooked: set[int]) -> None:

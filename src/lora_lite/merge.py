@@ -21,7 +21,15 @@ from .errors import AdapterError
 from .named import model_state
 from .runtime import _remove
 from .state import LayerAdapter, ParamAdapter
-from .target import computed_weight, dense_weight, is_conv1d, is_quantized, module_names, unwrap, weight_sharers
+from .target import (
+    computed_weight,
+    dense_weight,
+    is_quantized,
+    module_names,
+    to_layout,
+    unwrap,
+    weight_sharers,
+)
 from .variant import merge_dtype
 
 
@@ -79,10 +87,11 @@ def _merged(stack: list[LayerAdapter]) -> tuple[torch.Tensor, torch.Tensor | Non
     """(weight, bias or None = unchanged) of one layer with `stack` folded in, in the layer's layout and dtype."""
     base = stack[0]._base
     dt = functools.reduce(torch.promote_types, [merge_dtype(a) for a in stack])
-    W, b = dense_weight(base, dt), None if base.bias is None else base.bias.to(dt)
+    bias = getattr(base, "bias", None)  # (nn.Embedding has none)
+    W, b = dense_weight(base, dt), None if bias is None else bias.to(dt)
     for a in stack:
         W, b = a._lora_lite.variant.merged_weight(a, W, b)
-    w = (W.t() if is_conv1d(base) else W).to(base.weight.dtype).contiguous()
+    w = to_layout(base, W)  # (GPT-2 Conv1D and nn.Embedding store Wᵀ; a convolution its kernel shape)
     return w, None if b is None else b.to(base.bias.dtype)
 
 

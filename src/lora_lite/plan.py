@@ -14,7 +14,7 @@ from torch import nn
 
 from . import experts, guards, saved
 from .config import ConfigError, LoraLiteConfig, get_variant
-from .target import dims, find_targets, unhooked_linears, weight_sharers
+from .target import dims, find_targets, kind_of, unhooked_linears, weight_sharers
 from .variant import ParamSpec, Variant
 
 
@@ -40,6 +40,7 @@ def plan(model: nn.Module, cfg: LoraLiteConfig, adapter: str = "default") -> lis
         )
     for name, layer, role in find_targets(model, cfg):
         lcfg = _layer_cfg(cfg, name)
+        guards.check_kind(name, layer, kind_of(layer), base)  # (embeddings, convolutions: routed by role below)
         variant = base.route(name, role, lcfg)
         if variant.rewrites_weight and owners is None:
             owners = weight_sharers(model)

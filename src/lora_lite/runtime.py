@@ -101,7 +101,9 @@ def attach(
             _log.info(note)
         n = sum(getattr(a, p).numel() for a in info.layers.values() for p in a._lora_lite.trainable)
         roles = Counter(t.role for t in targets)
-        roles = ", ".join(f"{roles[k]} {k}" for k in ("reader", "writer", "inner", "expert") if roles[k])
+        roles = ", ".join(
+            f"{roles[k]} {k}" for k in ("reader", "writer", "inner", "expert", "embedding", "conv") if roles[k]
+        )
         _log.info(f"attached {cfg.variant} to {len(targets)} layers ({roles}), {n:,} trainable params, as {name!r}")
     return [t.name for t in targets]
 
@@ -222,7 +224,7 @@ def _output_hook(layer: nn.Module, args: tuple, kwargs: dict[str, Any], y: Any) 
         else:
             x = args[0] if args else guards.layer_input(layer, args, kwargs, st.name)[0]
         dtype = guards.adapter_dtype(a, x)
-        if x.dtype != dtype:  # hot path: no .to() call when nothing is cast (the common case)
+        if x.dtype != dtype and x.is_floating_point():  # hot path: no .to() when nothing is cast; ids never are
             x = x.to(dtype)
         if st.coef != 1.0:  # inside ll.scaled(model, c)
             out = st.variant.scaled_forward(a, x, y, st.coef)

@@ -76,7 +76,7 @@ class LayerAdapter(nn.Module):
         self.training = base.training
 
     weight = property(lambda self: self._base.weight)
-    bias = property(lambda self: self._base.bias)
+    bias = property(lambda self: getattr(self._base, "bias", None))  # (nn.Embedding has none)
     in_features = property(lambda self: self._base.in_features)
     out_features = property(lambda self: self._base.out_features)
     nx = property(lambda self: self._base.nx)  # transformers' GPT-2 Conv1D

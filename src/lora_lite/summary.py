@@ -113,7 +113,9 @@ def summary(model: nn.Module, cfg: LoraLiteConfig | None = None) -> str:
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in body]
     for name, (c, on, dropped) in infos.items():
         roles = Counter(r[2] for r in rows if r[1] == name)
-        roles = ", ".join(f"{roles[k]} {k}" for k in ("reader", "writer", "inner", "expert") if roles[k])
+        roles = ", ".join(
+            f"{roles[k]} {k}" for k in ("reader", "writer", "inner", "expert", "embedding", "conv") if roles[k]
+        )
         state = ("active" if on else "inactive") if attached else "preview (not attached)"
         lines.append(
             f"{name!r} {state}: variant={c.variant} r={c.r} alpha={c.alpha} "

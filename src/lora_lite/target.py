@@ -6,11 +6,15 @@ Roles by shape against the model width d_model:
   reader: in == d_model != out   (up/gate projections)
   writer: out == d_model != in   (down projections)
   inner:  everything else        (square q/o projections, ...)
+Embeddings (`nn.Embedding`) and convolutions (`nn.Conv1d/2d/3d`) have no role: `target_names` alone selects
+them, and their role is their kind, "embedding" or "conv". Every kind has a dense (d_out, d_in) view of its
+weight (`dense_weight`): the embedding's Eᵀ (d, vocab), the convolution's W flattened to (c_out, c_in·∏k).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import sys
 from collections import Counter
@@ -42,13 +46,40 @@ def is_linear_like(m: nn.Module) -> bool:
     return (hasattr(m, "in_features") and hasattr(m, "out_features")) or (hasattr(m, "nx") and hasattr(m, "nf"))
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# exclude_names' defaults: they give way to a target_names pattern that spells them out (find_targets)
+DEFAULT_EXCLUDE = ("lm_head", "embed_tokens")
+
+
+def kind_of(m: nn.Module) -> str | None:
+    """ "linear", "embedding" or "conv" (the `Variant.kinds` names), or None for a module lora-lite cannot adapt.
+    An adapter module (`layer.lora_lite[name]`) has its layer's kind."""
+    b = _base(m)
+    if isinstance(b, nn.Embedding):
+        return "embedding"
+    if isinstance(b, _CONVS):
+        return "conv"
+    return "linear" if is_linear_like(b) else None
+
+
+def _base(m: nn.Module) -> nn.Module:
+    """The layer itself, for an adapter module (`layer.lora_lite[name]`) too."""
+    return getattr(m, "_base", m) if getattr(m, "is_lora_lite_adapter", False) else m
+
+
 def is_conv1d(m: nn.Module) -> bool:
     """transformers' GPT-2 Conv1D: y = x @ W + b with W of shape (d_in, d_out)."""
     return not hasattr(m, "in_features") and hasattr(m, "nx") and hasattr(m, "nf")
 
 
 def dims(m: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a linear-like module, from its attributes (never from a packed weight)."""
+    """(d_in, d_out) of a target, from its attributes (never from a packed weight): an embedding's (vocab, d), a
+    convolution's (c_in/groups·∏kernel, c_out), the shape of its dense view transposed."""
+    b = _base(m)
+    if isinstance(b, nn.Embedding):
+        return int(b.num_embeddings), int(b.embedding_dim)
+    if isinstance(b, _CONVS):
+        return b.in_channels // b.groups * math.prod(b.kernel_size), int(b.out_channels)
     if is_conv1d(m):
         return int(m.nx), int(m.nf)
     return int(m.in_features), int(m.out_features)
@@ -92,7 +123,9 @@ def dense_weight(m: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tens
 
         return bnbF.int8_vectorwise_dequant(w.data, scb.to(w.device)).to(dtype)  # W·SCB/127, as peft's dequantize
     w = w.detach()
-    return (w.t() if is_conv1d(m) else w).to(dtype)
+    if isinstance(_base(m), _CONVS):
+        return w.flatten(1).to(dtype)
+    return (w.t() if is_conv1d(m) or isinstance(_base(m), nn.Embedding) else w).to(dtype)
 
 
 def _dequantize_4bit_cpu_packed(w: torch.Tensor) -> torch.Tensor:
@@ -119,10 +152,16 @@ def _dequantize_4bit_cpu_packed(w: torch.Tensor) -> torch.Tensor:
     return (qs.code.float().to(flat.device)[nibbles].view(-1, qs.blocksize) * absmax[:, None]).view(qs.shape)
 
 
+def to_layout(m: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """A dense (d_out, d_in) weight in the layer's own layout and dtype (`dense_weight`'s inverse)."""
+    if isinstance(_base(m), _CONVS):
+        return w.reshape(m.weight.shape).to(m.weight.dtype).contiguous()
+    return (w.t() if is_conv1d(m) or isinstance(_base(m), nn.Embedding) else w).to(m.weight.dtype).contiguous()
+
+
 def set_dense_weight(m: nn.Module, w: torch.Tensor) -> None:
     """Write a dense (d_out, d_in) weight back in the layer's own layout and dtype."""
-    new = (w.t() if is_conv1d(m) else w).to(m.weight.dtype).contiguous()
-    m.weight.data = new
+    m.weight.data = to_layout(m, w)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -187,6 +226,14 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return [(n, m, role_of(m, d_model)) for n, m in model.named_modules() if is_linear_like(m)]
 
 
+def adaptable_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, role) of every module lora-lite can adapt, in module order: linear-like ones with their
+    role, embeddings and convolutions with their kind ("embedding", "conv") as role."""
+    mods = [(n, m, kind_of(m)) for n, m in model.named_modules() if not getattr(m, "is_lora_lite_adapter", False)]
+    d_model = model_width(model) if any(k == "linear" for _, _, k in mods) else 0
+    return [(n, m, role_of(m, d_model) if k == "linear" else k) for n, m, k in mods if k is not None]
+
+
 def module_names(model: nn.Module) -> dict[int, list[str]]:
     """id(module) -> every name it is reachable under (a submodule registered twice has two; the first is
     the one `named_modules()` gives, which lora-lite reports and saves under)."""
@@ -223,11 +270,13 @@ def grouped(modules: list[tuple[str, nn.Module, str]]) -> list[str]:
 
 
 def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[tuple[str, nn.Module, str]]:
-    """(name, module, role) of every linear-like module that passes the config's filters.
+    """(name, module, role) of every module that passes the config's filters.
 
-    A module reachable under several names is excluded if any of them matches exclude_names, and matched
-    by target_names if any of them does."""
-    everything = linear_modules(model)
+    Roles select linear-like modules only; embeddings and convolutions are selected by `target_names` alone. A
+    module reachable under several names is excluded if any of them matches exclude_names, and matched by
+    target_names if any of them does. A default exclude pattern (`DEFAULT_EXCLUDE`) does not apply to a module
+    that a target_names pattern spelling it out matches: target_names=("embed_tokens",) targets the embeddings."""
+    everything = adaptable_modules(model)
     aliases = module_names(model)
     if cfg.layers is not None:  # an index no block has is a typo or the wrong model, not "nothing there"
         present = {block_index(n) for n, _, _ in everything} - {None}
@@ -240,10 +289,12 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[tuple[str, nn.Mo
     out = []
     for name, m, role in everything:
         names = aliases.get(id(m), [name])
-        if any(re.search(p, n) for p in cfg.exclude_names for n in names):
+        named = [p for p in cfg.target_names if any(re.search(p, n) for n in names)]
+        exclude = [p for p in cfg.exclude_names if not (p in DEFAULT_EXCLUDE and any(p in t for t in named))]
+        if any(re.search(p, n) for p in exclude for n in names):
             continue
         if cfg.target_names:
-            if not any(re.search(p, n) for p in cfg.target_names for n in names):
+            if not named:
                 continue
         elif role not in cfg.target_roles:
             continue
@@ -259,6 +310,6 @@ def find_targets(model: nn.Module, cfg: LoraLiteConfig) -> list[tuple[str, nn.Mo
         raise TargetError(
             f"no module matched target_roles={cfg.target_roles} target_names={cfg.target_names} "
             f"exclude_names={cfg.exclude_names} layers={cfg.layers}. "
-            f"Linear-like modules (name, role, d_in->d_out):\n{listing or '  (none)'}{more}"
+            f"Adaptable modules (name, role, d_in->d_out; embeddings and convolutions by target_names only):\n{listing or '  (none)'}{more}"
         )
     return out

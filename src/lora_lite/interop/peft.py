@@ -4,7 +4,9 @@ export_peft: lora (also rslora), eva and pissa as peft LoRA, dora as LoRA with u
 layers as `feedforward_modules`) as IA3, so `peft.PeftModel.from_pretrained(base, dir)` on the
 unmodified base reproduces the adapted model. Tensor keys are `base_model.model.<module name>.<tensor>`
 (peft 0.21.2 `get_peft_model_state_dict`): lora_A.weight (r, d_in), lora_B.weight (d_out, r),
-lora_magnitude_vector (d_out,), ia3_l ((d_out, 1), or (1, d_in) for feed-forward layers).
+lora_magnitude_vector (d_out,), ia3_l ((d_out, 1), or (1, d_in) for feed-forward layers); on an nn.Embedding
+lora_embedding_A (r, vocab) and lora_embedding_B (d, r), on a convolution the kernels (r, c_in, *k), (c_out, r, 1, ...)
+and the magnitude (1, c_out, 1, ...).
 `target_modules` lists the full module names (peft matches a list entry equal to the module name).
 Module names are relative to the model passed in: export from, and serve on, the same model class.
 Each variant converts its own tensors (`Variant.peft_type`, `peft_tensors`, `peft_config`): pissa, for one,
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -40,7 +43,7 @@ from ..io import attach_with_tensors, write_atomic
 from ..named import adapter_state_dict, adapters, model_state, resolve
 from ..plan import plan
 from ..state import ParamAdapter
-from ..target import all_finite, is_conv1d, is_linear_like, unwrap
+from ..target import all_finite, is_conv1d, kind_of, unwrap
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -54,6 +57,7 @@ _LORA_UNSUPPORTED = (
     "alora_invocation_tokens",
     "use_bdlora",
     "arrow_config",
+    "ensure_weight_tying",  # an adapter on a tied lm_head too, sharing the embedding's A and B
 )
 
 
@@ -155,7 +159,7 @@ def _split(key: str, suffixes: tuple[str, ...], path: Path) -> tuple[str, str]:
             return key[len(PREFIX) : -len(suf) - 1], suf
     raise LoadError(
         f"{str(path)!r}: tensor {key!r} is not supported by import_peft (expected {PREFIX}<module>.<one of "
-        f"{list(suffixes)}>): lora-lite imports LoRA/DoRA on linear layers and IA3 only"
+        f"{list(suffixes)}>): lora-lite imports LoRA/DoRA (linear, embedding, conv layers) and IA3 only"
     )
 
 
@@ -202,11 +206,12 @@ def _lora_plan(
             f"{str(path)!r}: modules_to_save {pc['modules_to_save']} selects {empty[0]} in this model, but the weights "
             f"file has no tensors for it ({PREFIX}{empty[0]}.*): the adapter was made for another model, or is damaged"
         )
-    suffixes = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if use_dora else ())
+    ours = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_embedding_A": "lora_A"}
+    ours.update({"lora_embedding_B": "lora_B"}, **({"lora_magnitude_vector": "lora_m"} if use_dora else {}))
     per: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
-        name, suf = _split(key, suffixes, path)
-        per.setdefault(name, {})[{"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}.get(suf, "lora_m")] = t
+        name, suf = _split(key, tuple(ours), path)
+        per.setdefault(name, {})[ours[suf]] = t
     per, params = _peft_param_targets(pc, per, model, path)
     ranks = {}
     for name, ts in per.items():
@@ -388,6 +393,13 @@ def import_peft(
         raise LoadError(f"{str(path)!r}: {WEIGHTS_NAME} is not a readable safetensors file: {e}") from None
     if not tensors:
         raise LoadError(f"{str(path)!r}: {WEIGHTS_NAME} holds no tensors")
+    # peft saves a targeted embedding's own weight too (save_embedding_layers, for a resized vocabulary): it must be
+    # the model's, bit for bit (checked below), and is not part of the adapter
+    bases = {
+        k[len(PREFIX) : -len(".base_layer.weight")]: tensors.pop(k)
+        for k in list(tensors)
+        if k.endswith(".base_layer.weight")
+    }
     kind = pc.get("peft_type")
     plans = {"LORA": functools.partial(_lora_plan, model=model), "IA3": _ia3_plan}
     plans.update({v.peft_type: _variant_plan(v) for v in REGISTRY.values() if v.peft_import is not None})
@@ -418,15 +430,31 @@ def import_peft(
             f"{str(path)!r}: module {absent[0]!r} ({len(absent)} in all) is not in this model; "
             "pass the base model the adapter was made for (the model peft wrapped)"
         )
-    odd = [n for n in per if n in modules and n not in tmodules and not is_linear_like(modules[n])]
+    changed = [n for n, w in bases.items() if n not in modules or not torch.equal(w, modules[n].weight.detach().cpu())]
+    if changed:
+        raise LoadError(
+            f"{str(path)!r}: the file holds a base weight for {changed[0]!r} (peft's save_embedding_layers) that differs "
+            "from this model's: the adapter was trained on other (e.g. resized) embeddings; load the model they belong to"
+        )
+    odd = [n for n in per if n in modules and n not in tmodules and kind_of(modules[n]) is None]
     if odd:
-        raise LoadError(f"{str(path)!r}: {odd[0]}: {type(modules[odd[0]]).__name__} is not a linear layer")
+        raise LoadError(
+            f"{str(path)!r}: {odd[0]}: {type(modules[odd[0]]).__name__} is not a layer lora-lite adapts "
+            "(linear, nn.Embedding, nn.Conv1d/2d/3d)"
+        )
     try:
         targets = plan(model, cfg, name)
     except ValueError as e:
         raise LoadError(f"{str(path)!r} does not fit this model: {e}") from None
     for t in targets:  # every check before the model is touched
+        if kind_of(t.layer) == "conv" and any(d != 1 for d in t.layer.dilation):
+            raise LoadError(
+                f"{str(path)!r}: {t.name}: dilation={t.layer.dilation}: peft 0.21.2's lora_A ignores the layer's "
+                "dilation, lora-lite's uses it; cannot import"
+            )
         for p, v in per[t.name].items():
+            if v.dim() > len(t.specs[p].shape) and v.numel() == math.prod(t.specs[p].shape):
+                v = per[t.name][p] = v.reshape(t.specs[p].shape)  # a conv's (r, c_in, *k), (c_out, r, 1, ...)
             if tuple(v.shape) != tuple(t.specs[p].shape):
                 raise LoadError(
                     f"{str(path)!r} does not fit this model: {t.name}.{p} has shape {tuple(v.shape)} in the file, "

@@ -32,14 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraLiteConfig
-from ..target import dense_weight, is_conv1d, is_quantized
+from ..target import dense_weight, is_conv1d, is_quantized, kind_of
 from ..variant import ParamSpec, Variant, add_lowrank, dropout, for_cache, register, writable
-from .lora import nonzero_alpha, peft_lora_config
+from .lora import KINDS, nonzero_alpha, peft_lora_config, routed
 
 
 def _x_Wt(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ without the bias, in x's dtype (dequantizes bitsandbytes weights, handles Conv1D's layout)."""
-    if is_quantized(layer):
+    """x Wᵀ without the bias, in x's dtype (W dense: bitsandbytes dequantized, an embedding's or a conv's view)."""
+    if is_quantized(layer) or kind_of(layer) != "linear":
         return F.linear(x, dense_weight(layer, x.dtype))
     w = layer.weight.to(x.dtype)
     return x @ w if is_conv1d(layer) else F.linear(x, w)
@@ -83,6 +83,8 @@ class DoRA(Variant):
     kwargs = ("use_rslora",)
     peft_type = "LORA"
     reads_weight = True
+    kinds = KINDS  # embeddings and convolutions: lora_embedding.py, lora_conv.py
+    route = classmethod(routed)
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:

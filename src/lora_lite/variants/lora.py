@@ -14,7 +14,7 @@ c = 1: the adapter, c = −1: the opposite update).
 
 Checked against peft 0.21.2 `peft/tuners/lora/layer.py` (`LoraLayer.update_layer`, `reset_lora_parameters`,
 `Linear.forward`). Deviation: none in the math; s is applied to the r-dim side and y + h Bᵀ is one fused
-addmm (same value to float rounding).
+addmm (same value to float rounding). Embeddings and convolutions: lora_embedding.py, lora_conv.py (`routed`).
 
 Notes: docs/variants/lora.md.
 """
@@ -40,11 +40,25 @@ def nonzero_alpha(cfg: LoraLiteConfig) -> None:
         )
 
 
+KINDS = ("linear", "embedding", "conv")
+
+
+def routed(cls: type[Variant], name: str, role: str, cfg: LoraLiteConfig) -> type[Variant]:
+    """`route` of lora and dora: an embedding's or a convolution's role is its kind, and its class is in
+    lora_embedding.py / lora_conv.py (`FORMS`: variant name -> class); a linear layer keeps `cls`."""
+    from . import lora_conv, lora_embedding  # (they build on this file)
+
+    forms = {"embedding": lora_embedding.FORMS, "conv": lora_conv.FORMS}.get(role)
+    return cls if forms is None else forms[cls.name]
+
+
 @register
 class LoRA(Variant):
     name = "lora"
     kwargs = ("use_rslora",)
     peft_type = "LORA"
+    kinds = KINDS
+    route = classmethod(routed)
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:

@@ -61,6 +61,7 @@ def top_r_svd(W: torch.Tensor, r: int, niter: int | None = None) -> tuple[torch.
 class PiSSA(LoRA):
     name = "pissa"
     kwargs = _KWARGS
+    kinds = ("linear",)  # (not LoRA's: pissa rewrites a linear weight)
     rewrites_weight = True
     scaled_reads_original = True
     reads_weight = True
