@@ -10,6 +10,7 @@ from .merge import merge, merged_state_dict
 from .named import active, adapter_state_dict, adapters, is_attached, set_active, targets
 from .reference import reference_model
 from .runtime import attach, detach
+from .schedule import on_step, regularizer
 from .steer import disabled, scaled
 from .summary import summary
 from .target import TargetError, find_targets
@@ -40,9 +41,11 @@ __all__ = [
     "load",
     "merge",
     "merged_state_dict",
+    "on_step",
     "read_adapter",
     "reference_model",
     "register",
+    "regularizer",
     "save",
     "scaled",
     "set_active",
