@@ -16,8 +16,8 @@ for road_1 with α = 1 (a pure rotation) c is an exact fractional rotation: R(c�
 c = −1 the inverse R(θ)⁻¹.
 
 Checked against peft 0.21.2 `peft/tuners/road/layer.py` (`_prepare_cols`, `_apply_road`,
-`_get_delta_weight`). Deviation: also adapts GPT-2's Conv1D (peft: nn.Linear only; such an adapter
-exports but peft cannot load it, so export_peft refuses it).
+`_get_delta_weight`). Deviations: computed in the wider of y's and the adapter's dtype (peft: the adapter's);
+also adapts GPT-2's Conv1D (peft: nn.Linear only, so export_peft refuses such an adapter).
 
 Notes: docs/variants/road.md.
 """
@@ -62,7 +62,9 @@ def _cols(layer: nn.Module, c: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _apply(layer: nn.Module, y: torch.Tensor, c: float = 1.0) -> torch.Tensor:
+    """In the wider of y's and the adapter's dtype (peft: the adapter's), so identity at init is exact in any mix."""
     a, b = _cols(layer, c)
+    y = y.to(torch.promote_types(y.dtype, a.dtype))
     return torch.addcmul(y * a, _rot(y, _opts(layer._lora_lite.cfg)[1]), b)
 
 
@@ -98,11 +100,11 @@ class RoAd(Variant):
 
     @staticmethod
     def forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _apply(layer, y.to(layer.lora_theta.dtype))  # peft casts y to the adapter dtype too
+        return _apply(layer, y)
 
     @classmethod
     def scaled_forward(cls, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
-        return _apply(layer, y.to(layer.lora_theta.dtype), c)
+        return _apply(layer, y, c)
 
     @staticmethod
     def merged_weight(
