@@ -36,6 +36,7 @@ from lora_lite.variants import road
 
 peft = pytest.importorskip("peft")
 RTOL, TRAIN_RTOL, LR, STEPS = 1e-5, 1e-4, 1e-3, 8
+MEASURED: dict = {}  # (variant, sub, kind) -> errors, for docs/peft-parity.md
 GS = 16  # divides every out_features of both tiny models (Llama: 16, 32, 64; GPT-2: 32, 96, 128)
 
 
@@ -158,6 +159,9 @@ def test_parity_with_peft(variant: str, sub: str | None, kind: str) -> None:
         final_o, final_p = loss(ours, kind, data[0]) + reg(ours), loss(pm, kind, data[0])
     assert abs(final_o.item() - final_p.item()) <= TRAIN_RTOL * abs(final_p.item())
     assert final_p.item() < losses_p[0], "training should lower the loss (else the comparison is vacuous)"
+    MEASURED[(variant, sub, kind)] = dict(
+        fwd=rel_err(y_o, y_p), grad=max(grads.values()), train=max(errs.values()), n_layers=len(pairs)
+    )
     if variant == "adalora":  # the allocation happened, and chose the same ranks as peft's
         pattern = pm.peft_config["default"].rank_pattern
         assert pattern, "no allocation happened: the test would be vacuous"

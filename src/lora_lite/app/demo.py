@@ -56,7 +56,10 @@ TARGET_ROLES = ("reader", "writer", "inner")  # every linear layer of the 6 bloc
 EXCLUDE = ("pooler",)  # ... but not BERT's pooler, which mean pooling never uses
 LR = {"ia3": 3e-2, "ia3_ff": 3e-2, "antipasto": 3e-2, "delora": 3e-3}  # see the docstring; others: DEFAULT_LR
 DEFAULT_LR = 1e-3
-VARIANT_KWARGS = {"delora": {"delora_lambda": 3.0}}  # peft's 15 is sized for 4096-wide layers (docstring)
+VARIANT_KWARGS = {
+    "delora": {"delora_lambda": 3.0},  # peft's 15 is sized for 4096-wide layers (docstring)
+    "adalora": {"target_r": 4, "tinit": 4, "tfinal": 4, "deltaT": 2},  # + total_step = --steps (docstring)
+}
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
@@ -188,7 +191,7 @@ def run_variant(base, name: str, data: Data, args: argparse.Namespace, base_rank
         alpha=args.alpha,
         target_roles=TARGET_ROLES,
         exclude_names=EXCLUDE,
-        variant_kwargs=VARIANT_KWARGS.get(name, {}),
+        variant_kwargs={**VARIANT_KWARGS.get(name, {}), **({"total_step": args.steps} if name == "adalora" else {})},
     )
     ll.attach(model, cfg, calibration_data=calib)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -196,7 +199,7 @@ def run_variant(base, name: str, data: Data, args: argparse.Namespace, base_rank
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
     losses, times = [], []
-    for b in batches:
+    for step, b in enumerate(batches):
         t = time.perf_counter()
         loss = info_nce(
             embed(model, _ids([data.train[i][0] for i in b], data)),
@@ -204,6 +207,7 @@ def run_variant(base, name: str, data: Data, args: argparse.Namespace, base_rank
         )
         loss.backward()
         opt.step()
+        ll.on_step(model, step)  # adalora's rank allocation; a no-op for the other variants
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
         losses.append(float(loss.detach()))
