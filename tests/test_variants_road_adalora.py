@@ -30,6 +30,7 @@ from _parity import (
     perturb_peft,
     rel_err,
 )
+from test_cli import _train_args, model_dir, text_file  # noqa: F401  (fixtures)
 
 import lora_lite as ll
 from lora_lite.variants import road
@@ -429,3 +430,18 @@ def test_import_refuses_unsupported_peft_options(tmp_path) -> None:
     with pytest.raises(ll.LoadError, match=r"AdaLoRA option\(s\) \['modules_to_save'\]"):
         ll.import_peft(m, tmp_path)
     assert not ll.is_attached(m)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_cli_train_runs_adalora_schedule(model_dir, text_file, tmp_path) -> None:  # noqa: F811
+    """`lora-lite train --variant adalora`: total_step defaults to --steps and the loop calls ll.on_step."""
+    from lora_lite.app.cli import main
+
+    kw = json.dumps({"target_r": 2, "tinit": 1, "deltaT": 1})
+    assert main([*_train_args(model_dir, text_file, tmp_path, 6, "--variant", "adalora", "--variant-kwargs", kw)]) == 0
+    state = json.loads((tmp_path / "train_state.json").read_text())
+    assert state["config"]["variant_kwargs"]["total_step"] == 6
+    masks = [t for k, t in ll.read_adapter(next(tmp_path.glob("*.safetensors")))[2].items() if k.endswith("lora_mask")]
+    assert masks and sum(int(m.sum()) for m in masks) <= 2 * len(masks) < 4 * len(masks)  # the final allocation

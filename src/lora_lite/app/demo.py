@@ -30,6 +30,11 @@ this task by single-seed sweeps (32 pairs x 50 steps unless noted), held-out MRR
     layers). With λ = 15 the encoder collapses (lr 1e-2: training loss stuck at log(batch), MRR 0.026;
     lr 1e-3: held-out top-1 below the base model's after 30 steps). λ = 3 (a ~20% perturbation) at 3e-3 gave 0.201;
     λ = 1 at 1e-2 gave 0.196.
+  - road (one angle and scale per feature pair: per-feature parameters, like ia3's gates, which barely
+    move at 1e-3 in 20 steps) and adalora (its update s·B diag(E) A starts at E = 0 with A, B ~ N(0, 0.02),
+    so an AdamW step of size lr on E changes W tens of times less than the same step on LoRA's B): 1e-2, chosen by
+    that scale argument, not by a sweep. adalora's schedule: target_r 4 of r = 8, tinit 4, tfinal 4, deltaT 2,
+    total_step = --steps (the loop calls ll.on_step after every optimizer step).
 `--lr` overrides the table for every variant.
 """
 
@@ -55,6 +60,7 @@ from .usage import UsageError
 TARGET_ROLES = ("reader", "writer", "inner")  # every linear layer of the 6 blocks ...
 EXCLUDE = ("pooler",)  # ... but not BERT's pooler, which mean pooling never uses
 LR = {"ia3": 3e-2, "ia3_ff": 3e-2, "antipasto": 3e-2, "delora": 3e-3}  # see the docstring; others: DEFAULT_LR
+LR.update({"road": 1e-2, "adalora": 1e-2})  # not swept: see the docstring
 DEFAULT_LR = 1e-3
 VARIANT_KWARGS = {
     "delora": {"delora_lambda": 3.0},  # peft's 15 is sized for 4096-wide layers (docstring)
