@@ -201,6 +201,22 @@ def test_road_identity_merge_and_steering(sub: str) -> None:
         assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
 
 
+def test_road_merge_rotates_the_bias_too() -> None:
+    from _models import Toy
+
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
+    m = Toy(bias=True)
+    ll.attach(m, ll.LoraLiteConfig(variant="road", target_roles=("reader", "writer", "inner"),
+                                   variant_kwargs={"variant": "road_2", "group_size": 8}))  # fmt: skip
+    with torch.no_grad():
+        for a in ll.targets(m).values():
+            ad(a).lora_theta.normal_()
+            ad(a).lora_alpha.normal_(1.0, 0.3)
+        y = m(x)
+        ll.merge(m)
+        assert rel_err(m(x), y) <= RTOL
+
+
 def test_road_fractional_rotation_inverts_exactly() -> None:
     """road_1 with α = 1 is a rotation: c = −1 is its inverse, c = 0.5 twice is c = 1."""
     m = _road_model("road_1")
@@ -418,16 +434,20 @@ def test_peft_adalora_trained_with_allocation_imports(tmp_path) -> None:
     assert all(ad(a)._lora_lite.cfg.variant_kwargs["total_step"] == STEPS for a in cfg.values())
 
 
-def test_import_refuses_unsupported_peft_options(tmp_path) -> None:
-    pm = peft.get_peft_model(
-        tiny_llama(), peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"])
+@pytest.mark.parametrize("kind", ["ROAD", "ADALORA"])
+def test_import_refuses_unsupported_peft_options(kind: str, tmp_path) -> None:
+    cfg = (
+        peft.RoadConfig(group_size=GS, target_modules=["q_proj"])
+        if kind == "ROAD"
+        else peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"])
     )
+    pm = peft.get_peft_model(tiny_llama(), cfg)
     pm.save_pretrained(str(tmp_path))
     conf = json.loads((tmp_path / "adapter_config.json").read_text())
     conf["modules_to_save"] = ["lm_head"]
     (tmp_path / "adapter_config.json").write_text(json.dumps(conf))
     m = tiny_llama()
-    with pytest.raises(ll.LoadError, match=r"AdaLoRA option\(s\) \['modules_to_save'\]"):
+    with pytest.raises(ll.LoadError, match=r"(AdaLoRA|RoAd) option.*modules_to_save"):
         ll.import_peft(m, tmp_path)
     assert not ll.is_attached(m)
 

@@ -90,10 +90,11 @@ class RoAd(Variant):
     def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
         kind, g = _opts(cfg)
         if d_out % g:
+            fit = [n for n in range(2, min(d_out, g) + 1, 2) if d_out % n == 0]
+            hint = f"n even and dividing every target's out_features (e.g. {fit[-1]}), or" if fit else "no even n fits:"
             raise ConfigError(
                 f"road: group_size {g} does not divide out_features {d_out}; pass variant_kwargs={{'group_size': n}} "
-                f"with n even and dividing every target's out_features (e.g. {_largest_even_divisor(d_out, g)}), "
-                "or exclude this layer"
+                f"with {hint} exclude this layer"
             )
         n = int(d_out * _SIZE[kind])
         return {"lora_theta": ParamSpec((n,), init="zeros"), "lora_alpha": ParamSpec((n,), init="ones")}
@@ -143,7 +144,3 @@ class RoAd(Variant):
             per.setdefault(name, {})[suf.replace("road_", "lora_")] = t
         kw = {"variant": pc.get("variant", "road_1"), "group_size": int(pc.get("group_size", 64))}
         return {"variant": "road", "variant_kwargs": kw}, per
-
-
-def _largest_even_divisor(d: int, g: int) -> int:
-    return max((n for n in range(2, min(d, g) + 1, 2) if d % n == 0), default=2)
