@@ -33,8 +33,8 @@ this task by single-seed sweeps (32 pairs x 50 steps unless noted), held-out MRR
   - road (one angle and scale per feature pair: per-feature parameters, like ia3's gates, which barely
     move at 1e-3 in 20 steps) and adalora (its update s·B diag(E) A starts at E = 0 with A, B ~ N(0, 0.02),
     so an AdamW step of size lr on E changes W tens of times less than the same step on LoRA's B): 1e-2, chosen by
-    that scale argument, not by a sweep. adalora's schedule: target_r 4 of r = 8, tinit 4, tfinal 4, deltaT 2,
-    total_step = --steps (the loop calls ll.on_step after every optimizer step).
+    that scale argument, not by a sweep. adalora's schedule: target_r 4 of r = 8, deltaT 2, total_step = --steps,
+    tinit = tfinal = --steps // 5 (the loop calls ll.on_step after every optimizer step).
 `--lr` overrides the table for every variant.
 """
 
@@ -64,7 +64,7 @@ LR.update({"road": 1e-2, "adalora": 1e-2})  # not swept: see the docstring
 DEFAULT_LR = 1e-3
 VARIANT_KWARGS = {
     "delora": {"delora_lambda": 3.0},  # peft's 15 is sized for 4096-wide layers (docstring)
-    "adalora": {"target_r": 4, "tinit": 4, "tfinal": 4, "deltaT": 2},  # + total_step = --steps (docstring)
+    "adalora": {"target_r": 4, "deltaT": 2},  # + the schedule's steps, from --steps (run_variant, docstring)
 }
 
 
@@ -182,6 +182,11 @@ class Result:
     error: str = ""
 
 
+def _schedule(steps: int) -> dict[str, int]:
+    """adalora's schedule over the run: warm-up and final phase a fifth of it each (4 + 4 of 20 steps)."""
+    return {"total_step": steps, "tinit": steps // 5, "tfinal": steps // 5}
+
+
 def run_variant(base, name: str, data: Data, args: argparse.Namespace, base_rank: torch.Tensor) -> Result:
     """Attach `name` to a copy of the base encoder, train it, measure the held-out metric."""
     model = copy.deepcopy(base)
@@ -197,7 +202,7 @@ def run_variant(base, name: str, data: Data, args: argparse.Namespace, base_rank
         alpha=args.alpha,
         target_roles=TARGET_ROLES,
         exclude_names=EXCLUDE,
-        variant_kwargs={**VARIANT_KWARGS.get(name, {}), **({"total_step": args.steps} if name == "adalora" else {})},
+        variant_kwargs={**VARIANT_KWARGS.get(name, {}), **(_schedule(args.steps) if name == "adalora" else {})},
     )
     ll.attach(model, cfg, calibration_data=calib)
     params = [p for p in model.parameters() if p.requires_grad]
