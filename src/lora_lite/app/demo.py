@@ -34,7 +34,8 @@ this task by single-seed sweeps (32 pairs x 50 steps unless noted), held-out MRR
     move at 1e-3 in 20 steps) and adalora (its update s·B diag(E) A starts at E = 0 with A, B ~ N(0, 0.02),
     so an AdamW step of size lr on E changes W tens of times less than the same step on LoRA's B): 1e-2, chosen by
     that scale argument, not by a sweep. adalora's schedule: target_r 4 of r = 8, deltaT 2, total_step = --steps,
-    tinit = tfinal = --steps // 5 (the loop calls ll.on_step after every optimizer step).
+    tinit = tfinal = --steps // 5 (the loop calls ll.on_step after every optimizer step). One short check run
+    (8 steps x 32 pairs): road 0.198, adalora 0.198, lora (1e-3) 0.197, from 0.190.
 `--lr` overrides the table for every variant.
 """
 
