@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(p / q for p, q in zip(x.times, y.times, strict=True))
 
     rows = []
-    for label, n, k in ARMS:
+    for label, _n, _k in ARMS:
         o, p = arms[("ours", label)], arms[("peft", label)]
         rows.append(
             {

@@ -170,6 +170,18 @@ def _ia3(size: Size, ff: tuple[str, ...] = ()):
     return IA3Config(target_modules=list(PROJ), feedforward_modules=list(ff))
 
 
+def _road(size: Size):
+    from peft import RoadConfig
+
+    return RoadConfig(variant="road_1", group_size=32, target_modules=list(PROJ))
+
+
+def _adalora(size: Size):
+    from peft import AdaLoraConfig
+
+    return AdaLoraConfig(init_r=size.r, target_r=4, lora_alpha=size.alpha, total_step=1000, target_modules=list(PROJ))
+
+
 CASES: list[Case] = [
     Case("lora", {}, _lora),
     Case("rslora", {"variant": "lora", "variant_kwargs": {"use_rslora": True}}, lambda s: _lora(s, use_rslora=True)),
@@ -194,6 +206,9 @@ CASES: list[Case] = [
     Case("antipasto", {}, None),
     # lora on the input embeddings + all projections (embed_tokens: a row gather of Aᵀ, never the vocab × d ΔW)
     Case("lora_embed", {"variant": "lora", "target_names": (*TARGET_RE, r"^model\.embed_tokens$")}, _lora_embed),
+    # road: group_size 32 divides every out_features at both sizes (1376 = 43·32; peft's default 64 does not)
+    Case("road", {"variant_kwargs": {"group_size": 32}}, lambda s: _road(s)),
+    Case("adalora", {"variant_kwargs": {"target_r": 4, "total_step": 1000}}, lambda s: _adalora(s)),
 ]
 
 

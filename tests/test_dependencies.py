@@ -37,7 +37,8 @@ x = torch.randn(64, 16)
 tmp = tempfile.mkdtemp()
 for v in sorted(ll.REGISTRY):
     m, ref = fresh(), fresh()
-    cfg = ll.LoraLiteConfig(variant=v, r=4, target_roles=("reader", "writer", "inner"))
+    kw = {"group_size": 8} if v == "road" else {}  # peft's default group_size 64 divides no out_features here
+    cfg = ll.LoraLiteConfig(variant=v, r=4, target_roles=("reader", "writer", "inner"), variant_kwargs=kw)
     ll.attach(m, cfg, calibration_data=[x] if v == "eva" else None)
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     m(x).square().mean().backward()

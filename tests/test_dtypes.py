@@ -23,6 +23,8 @@ VARIANTS = {
     "eva": dict(r=4, alpha=8.0, variant_kwargs={"show_progress_bar": False}),
     "pissa": dict(r=4, alpha=8.0),
     "antipasto": dict(r=4, variant_kwargs={"block_size": 2}),
+    "road": dict(variant_kwargs={"variant": "road_4", "group_size": 16}),
+    "adalora": dict(r=4, alpha=8.0, variant_kwargs={"target_r": 2, "total_step": 10}),
 }
 ALL_ROLES = ("reader", "writer", "inner")
 _EPS = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-24}

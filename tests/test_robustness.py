@@ -42,7 +42,7 @@ SETTINGS = settings(
 # m / ||W||_row = 1 computed in floating point. Bound: max|y' - y| <= BOUND * eps(dtype) * scale, with
 # scale = max|y| + max|x| * max|W| * sqrt(d_in) (the size of the terms that cancel), dtype the
 # narrower of the adapter dtype and the fp32 base.
-EXACT = {"lora", "delora", "eva", "ia3", "ia3_ff"}
+EXACT = {"lora", "delora", "eva", "ia3", "ia3_ff", "road", "adalora"}
 BOUND = 64
 
 
@@ -76,6 +76,9 @@ def _kwargs(variant: str) -> st.SearchStrategy[dict]:
         "delora": {"delora_lambda": st.sampled_from([0.5, 15.0, -2.0])},
         # hra's apply_GS is documented as not identity at init (Gram-Schmidt of the paired vectors), so not here
         "ia3": {"feedforward_roles": st.sampled_from([["writer"], ["reader", "inner"]])},
+        # a group_size that divides no out_features is a documented ConfigError at attach (not identity)
+        "road": {"variant": st.sampled_from(["road_1", "road_2", "road_4"]), "group_size": st.sampled_from([2, 4])},
+        "adalora": {"total_step": st.sampled_from([5, 100])},
     }.get(variant, {})
     return st.fixed_dictionaries({}, optional=opt)
 

@@ -31,6 +31,9 @@ CASES: dict[str, dict] = {
     "ia3": dict(cfg=dict(variant_kwargs={"feedforward_roles": ["writer"]}), rtol=None, lr=1e-1),
     "ia3_ff": dict(cfg=dict(), rtol=None, lr=1e-1),
     "eva": dict(cfg=dict(r=4, alpha=8.0), rtol=None, lr=1e-2, calib=lambda model, kind: _eva_calib(kind)),
+    # road: group_size 8 divides every out_features of both models (Toy: 16, 40; Llama: 16, 32, 64)
+    "road": dict(cfg=dict(variant_kwargs={"variant": "road_2", "group_size": 8}), rtol=None, lr=1e-1),  # 2·d_out params
+    "adalora": dict(cfg=dict(r=4, alpha=8.0, variant_kwargs={"target_r": 2, "total_step": 20}), rtol=None, lr=1e-2),
 }
 
 

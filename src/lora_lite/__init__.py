@@ -12,6 +12,7 @@ from .mixed import per_sample
 from .named import active, adapter_state_dict, adapters, is_attached, set_active, targets
 from .reference import reference_model
 from .runtime import attach, detach
+from .schedule import on_step, regularizer
 from .steer import disabled, scaled
 from .summary import summary
 from .target import TargetError, find_targets
@@ -44,9 +45,11 @@ __all__ = [
     "merge",
     "merged_state_dict",
     "per_sample",
+    "on_step",
     "read_adapter",
     "reference_model",
     "register",
+    "regularizer",
     "save",
     "scaled",
     "set_active",

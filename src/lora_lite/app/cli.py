@@ -143,6 +143,8 @@ def config_from_args(args: argparse.Namespace) -> ll.LoraLiteConfig:
     except json.JSONDecodeError as err:
         raise UsageError(f"--variant-kwargs is not valid JSON ({err}): {args.variant_kwargs!r}") from None
     _need(isinstance(vkw, dict), f"--variant-kwargs must be a JSON object, got {args.variant_kwargs!r}")
+    if args.variant == "adalora" and "steps" in vars(args):  # its rank schedule spans the run (ll.on_step)
+        vkw.setdefault("total_step", args.steps)
     kw: dict[str, Any] = dict(
         variant=args.variant,
         r=args.r,
@@ -498,6 +500,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for _, p in named], args.grad_clip)
         opt.step()
+        ll.on_step(model, step)  # training-time schedules (adalora's rank allocation); a no-op otherwise
         opt.zero_grad(set_to_none=True)
         loss_val = float(loss.detach())
         _need(math.isfinite(loss_val), f"loss became {loss_val} at step {step + 1}; lower --lr")
