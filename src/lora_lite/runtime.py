@@ -12,7 +12,7 @@ the layer as the adapters before it left it:
 
 so a stack computes what merging its adapters one by one into the weight gives (merge.py). `detach`
 removes one adapter or all; with none left the model is bit for bit the base model. Every rare case
-is one call into guards.py; what pissa/antipasto keep to restore the weight is original.py.
+is one call into guards/; what pissa/antipasto keep to restore the weight is original.py.
 """
 
 from __future__ import annotations

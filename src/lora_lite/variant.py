@@ -173,6 +173,11 @@ class Variant:
         return {}
 
 
+# A variant's form for another kind of layer (lora and dora on embeddings and convolutions), filled by the files
+# that define them: (kind, variant name) -> class. A variant's `route` looks its form up here.
+FORMS: dict[tuple[str, str], type] = {}
+
+
 def register(cls: type) -> type:
     """Class decorator: add a variant to `REGISTRY` under `cls.name`."""
     if not getattr(cls, "name", ""):

@@ -1,3 +1,3 @@
 """One file per variant; importing this package registers them all."""
 
-from . import adalora, antipasto, delora, dora, eva, hra, ia3, lora, pissa, road  # noqa: F401
+from . import adalora, antipasto, delora, dora, eva, hra, ia3, lora, lora_conv, lora_embedding, pissa, road  # noqa: F401

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
-from ..variant import ParamSpec, Variant, add_lowrank, dropout, register, writable
+from ..variant import FORMS, ParamSpec, Variant, add_lowrank, dropout, register, writable
 
 
 def nonzero_alpha(cfg: LoraLiteConfig) -> None:
@@ -45,11 +45,8 @@ KINDS = ("linear", "embedding", "conv")
 
 def routed(cls: type[Variant], name: str, role: str, cfg: LoraLiteConfig) -> type[Variant]:
     """`route` of lora and dora: an embedding's or a convolution's role is its kind, and its class is in
-    lora_embedding.py / lora_conv.py (`FORMS`: variant name -> class); a linear layer keeps `cls`."""
-    from . import lora_conv, lora_embedding  # (they build on this file)
-
-    forms = {"embedding": lora_embedding.FORMS, "conv": lora_conv.FORMS}.get(role)
-    return cls if forms is None else forms[cls.name]
+    lora_embedding.py / lora_conv.py (registered in the contract's `FORMS`); a linear layer keeps `cls`."""
+    return FORMS[(role, cls.name)] if role in ("embedding", "conv") else cls
 
 
 @register

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
-from ..variant import dropout, writable
+from ..variant import FORMS, dropout, writable
 from .dora import DoRA, weight_norm
 from .lora import LoRA
 
@@ -119,4 +119,4 @@ class DoRAConv(DoRA):
         return {**_peft(layer), "lora_magnitude_vector": layer.lora_m.view(1, -1, *(1,) * (layer.weight.dim() - 2))}
 
 
-FORMS = {"lora": LoRAConv, "dora": DoRAConv}
+FORMS.update({("conv", "lora"): LoRAConv, ("conv", "dora"): DoRAConv})

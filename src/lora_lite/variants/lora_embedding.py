@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraLiteConfig
-from ..variant import ParamSpec, add_lowrank, writable
+from ..variant import FORMS, ParamSpec, add_lowrank, writable
 from .dora import DoRA, weight_norm
 from .lora import LoRA
 
@@ -80,4 +80,4 @@ class DoRAEmbedding(DoRA):
         return {**LoRAEmbedding.peft_tensors(layer), "lora_magnitude_vector": layer.lora_m}
 
 
-FORMS = {"lora": LoRAEmbedding, "dora": DoRAEmbedding}
+FORMS.update({("embedding", "lora"): LoRAEmbedding, ("embedding", "dora"): DoRAEmbedding})
