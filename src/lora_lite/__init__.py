@@ -8,6 +8,7 @@ from .interop.peft import export_peft, import_peft
 from .io import load, read_adapter, save
 from .merge import merge, merged_state_dict
 from .named import active, adapter_state_dict, adapters, is_attached, set_active, targets
+from .optim import param_groups
 from .reference import reference_model
 from .runtime import attach, detach
 from .steer import disabled, scaled
@@ -40,6 +41,7 @@ __all__ = [
     "load",
     "merge",
     "merged_state_dict",
+    "param_groups",
     "read_adapter",
     "reference_model",
     "register",

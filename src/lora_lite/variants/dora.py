@@ -80,6 +80,7 @@ def weight_norm(layer: nn.Module) -> torch.Tensor:
 @register
 class DoRA(Variant):
     name = "dora"
+    b_tensors = ("lora_B", "lora_m")  # LoRA+: peft's lora_B, and its 1-D lora_magnitude_vector
     kwargs = ("use_rslora",)
     peft_type = "LORA"
     reads_weight = True

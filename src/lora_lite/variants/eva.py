@@ -121,6 +121,7 @@ def _rows(name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 @register
 class EVA(Variant):
     name = "eva"
+    b_tensors = ("lora_B",)  # LoRA+: peft's lora_B
     kwargs = tuple(_KWARGS)
 
     @staticmethod

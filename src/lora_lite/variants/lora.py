@@ -43,6 +43,7 @@ def nonzero_alpha(cfg: LoraLiteConfig) -> None:
 @register
 class LoRA(Variant):
     name = "lora"
+    b_tensors = ("lora_B",)  # LoRA+ (ll.param_groups): peft's lora_B (pissa, olora, loftq inherit it)
     kwargs = ("use_rslora",)
     peft_type = "LORA"
 
