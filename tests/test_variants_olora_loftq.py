@@ -39,6 +39,7 @@ import lora_lite as ll
 from lora_lite.config import ConfigError
 from lora_lite.errors import LoadError
 from lora_lite.named import model_state
+from lora_lite.target import dense_weight
 
 peft = pytest.importorskip("peft")
 
@@ -269,3 +270,74 @@ def test_import_refuses_olora_with_dora(tmp_path) -> None:
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(LoadError, match="'olora' with use_dora"):
         ll.import_peft(base("llama"), tmp_path)
+
+
+# ----------------------------------------------------------------------------- quantized bases (bitsandbytes, CPU)
+
+
+class Toy(nn.Module):
+    """Two biased linears, widths multiples of 64 (bitsandbytes' CPU nf4 is right there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = nn.Linear(64, 128), nn.Linear(128, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("variant", ["olora", "loftq"])
+def test_quantized_bases_are_refused_with_the_fix(variant: str) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    from test_quantized import quantize_model
+
+    m = quantize_model(Toy(), "nf4")
+    assert isinstance(m.up, bnb.nn.Linear4bit)
+    with pytest.raises(ConfigError, match=rf"up: variant '{variant}' rewrites the weight.*Load the base unquantized"):
+        ll.attach(m, ll.LoraLiteConfig(variant=variant, r=4, target_names=("up", "down")))
+    assert not hasattr(m.up, "lora_lite")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_loftq_residual_requantizes_exactly_and_the_adapter_runs_on_the_quantized_base(bits: int, tmp_path) -> None:
+    """LoftQ's deployment (peft's LoftQ workflow): W_res quantizes back to itself, so the trained adapter, attached
+    as a plain lora to the quantized residual model, gives the adapted model's outputs."""
+    bnb = pytest.importorskip("bitsandbytes")
+    m = Toy()
+    W = {n: getattr(m, n).weight.detach().clone() for n in ("up", "down")}
+    ll.attach(m, ll.LoraLiteConfig(variant="loftq", r=4, alpha=8.0, target_names=("up", "down"),
+                                   variant_kwargs={"loftq_bits": bits, "loftq_iter": 2}))  # fmt: skip
+    with torch.no_grad():
+        for a in ll.targets(m).values():
+            a.lora_B.mul_(1.5)  # a "trained" adapter
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    y = m(x)
+    ll.save(m, tmp_path / "a.safetensors")
+
+    q = Toy()  # the residual base (the model's weights now), quantized
+    for n in ("up", "down"):
+        lin, w_res = getattr(q, n), getattr(m, n).weight.detach().clone()
+        assert not torch.equal(w_res, W[n])
+        if bits == 4:
+            ql = bnb.nn.Linear4bit(lin.in_features, lin.out_features, compute_dtype=torch.float32, quant_type="nf4")
+            ql.weight = bnb.nn.Params4bit(w_res, requires_grad=False, quant_type="nf4", compress_statistics=False)
+        else:
+            ql = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, has_fp16_weights=False, threshold=0.0)
+            ql.weight = bnb.nn.Int8Params(w_res, requires_grad=False, has_fp16_weights=False)
+        ql.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        setattr(q, n, ql.to("cpu"))
+        deq = dense_weight(getattr(q, n))
+        if bits == 4:
+            assert torch.equal(deq, w_res), f"{n}: nf4 requantization of W_res is not exact"
+        else:  # int8: the same codes; the fp16 absmax round trip moves values by <= 1 ulp of fp16
+            assert rel_err(deq, w_res) <= 1e-3, n
+    cfg, _, tensors = ll.read_adapter(tmp_path / "a.safetensors")
+    ll.attach(q, ll.LoraLiteConfig.from_dict({**cfg.to_dict(), "variant": "lora", "variant_kwargs": {}}))
+    with torch.no_grad():
+        for k, v in ll.adapter_state_dict(q).items():
+            v.copy_(tensors[k])
+    q.train()  # (bitsandbytes' CPU 4-bit kernel never repacks in train mode: test_quantized.py)
+    assert rel_err(q(x), y) <= (1e-5 if bits == 4 else 2e-3)
+    ll.detach(m)
+    assert all(torch.equal(getattr(m, n).weight, W[n]) for n in W)
