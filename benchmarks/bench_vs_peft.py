@@ -164,6 +164,25 @@ def _ia3(size: Size, ff: tuple[str, ...] = ()):
     return IA3Config(target_modules=list(PROJ), feedforward_modules=list(ff))
 
 
+def _loftq(size: Size):
+    """peft's LoftQ init (4-bit, 1 iteration, its defaults). peft 0.21.2 hard-codes the "cuda" device in
+    `loftq_init`: without CUDA, its own source with that one string changed runs instead (the init only; the
+    timed train step is plain LoRA on the rewritten weight either way)."""
+    from peft import LoftQConfig
+
+    if not torch.cuda.is_available():
+        import inspect
+        import textwrap
+
+        import peft.tuners.lora.layer as layer
+        import peft.utils.loftq_utils as lu
+
+        ns = dict(vars(lu))
+        exec(textwrap.dedent(inspect.getsource(lu.loftq_init)).replace('"cuda"', '"cpu"'), ns)
+        layer.loftq_init = ns["loftq_init"]
+    return _lora(size, init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1))
+
+
 CASES: list[Case] = [
     Case("lora", {}, _lora),
     Case("rslora", {"variant": "lora", "variant_kwargs": {"use_rslora": True}}, lambda s: _lora(s, use_rslora=True)),
@@ -186,6 +205,8 @@ CASES: list[Case] = [
     Case("hra", {}, _hra),
     Case("eva", {}, _eva, calib=True),
     Case("antipasto", {}, None),
+    Case("olora", {}, lambda s: _lora(s, init_lora_weights="olora")),
+    Case("loftq", {}, _loftq),
 ]
 
 

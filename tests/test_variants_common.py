@@ -34,8 +34,8 @@ CASES: dict[str, dict] = {
     # olora: W = W_res + s·B A split in fp32, as pissa: identity to rounding (same bound as pissa's)
     "olora": dict(cfg=dict(r=4, alpha=16.0), rtol=1e-5, lr=1e-2),  # alpha != r on purpose
     # loftq is not the identity by design: W_res + s·B A = W minus the quantization error the rank-r correction
-    # leaves. int8 (per-row absmax/127, so <= 0.4% of each row's largest weight per entry): measured <= 1% of max|y|
-    "loftq": dict(cfg=dict(r=4, alpha=8.0, variant_kwargs={"loftq_bits": 8, "loftq_iter": 2}), rtol=0.03, lr=1e-2),
+    # leaves. int8 (per-row absmax/127: <= 0.4% of each row's largest weight per entry): measured 0.29% of max|y|
+    "loftq": dict(cfg=dict(r=4, alpha=8.0, variant_kwargs={"loftq_bits": 8, "loftq_iter": 2}), rtol=0.01, lr=1e-2),
 }
 
 
