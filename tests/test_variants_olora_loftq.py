@@ -251,7 +251,12 @@ def test_olora_identity_detach_and_reload(tmp_path) -> None:
 
 def test_options_are_checked() -> None:
     m = base("llama")
-    for kw, what in [({"loftq_bits": 3}, "loftq_bits"), ({"loftq_iter": 0}, "loftq_iter"), ({"bits": 4}, "bits")]:
+    for kw, what in [
+        ({"loftq_bits": 3}, "loftq_bits"),
+        ({"loftq_bits": 4.0}, "loftq_bits"),
+        ({"loftq_iter": 0}, "loftq_iter"),
+        ({"bits": 4}, "bits"),
+    ]:
         with pytest.raises(ConfigError, match=what):
             ll.attach(m, ll.LoraLiteConfig(variant="loftq", r=R, variant_kwargs=kw))
     with pytest.raises(ConfigError, match="r <= min"):

@@ -93,7 +93,7 @@ class LoftQ(PiSSA):
     def validate(cfg: LoraLiteConfig) -> None:
         nonzero_alpha(cfg)
         bits, n = cfg.variant_kwargs.get("loftq_bits", 4), cfg.variant_kwargs.get("loftq_iter", 1)
-        if bits not in (4, 8) or isinstance(bits, bool):
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (4, 8):
             raise ConfigError(f"loftq: loftq_bits must be 4 (nf4) or 8 (int8), as peft's LoftQConfig, got {bits!r}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"loftq: loftq_iter must be an integer >= 1 (alternating steps), got {n!r}")
