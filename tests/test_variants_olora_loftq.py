@@ -346,3 +346,25 @@ def test_loftq_residual_requantizes_exactly_and_the_adapter_runs_on_the_quantize
     assert rel_err(q(x), y) <= (1e-5 if bits == 4 else 2e-3)
     ll.detach(m)
     assert all(torch.equal(getattr(m, n).weight, W[n]) for n in W)
+
+
+@pytest.mark.parametrize("variant", ["olora", "loftq"])
+def test_scaled_and_merge(variant: str) -> None:
+    """ll.scaled: c = 0 is the base model (the original weight), c = 1 the adapter, c = 0.5 halfway (affine);
+    ll.merge folds W_res + s·B A into plain weights with the adapter's outputs."""
+    m = base("gpt2")
+    ids = batches(1)[0]
+    with torch.no_grad():
+        y0 = out(m, ids)
+        ll.attach(m, ours_cfg("gpt2", variant, 8.0))
+        for a in ll.targets(m).values():
+            a.lora_B.add_(0.02)
+        y1 = out(m, ids)
+        assert rel_err(y1, y0) > 1e-3
+        with ll.scaled(m, 0.0):
+            assert rel_err(out(m, ids), y0) <= 1e-6
+        with ll.scaled(m, 1.0):
+            assert torch.equal(out(m, ids), y1)
+        ll.merge(m)
+        assert not ll.is_attached(m)
+        assert rel_err(out(m, ids), y1) <= 1e-5
