@@ -350,8 +350,7 @@ def test_loftq_residual_requantizes_exactly_and_the_adapter_runs_on_the_quantize
 
 @pytest.mark.parametrize("variant", ["olora", "loftq"])
 def test_scaled_and_merge(variant: str) -> None:
-    """ll.scaled: c = 0 is the base model (the original weight), c = 1 the adapter, c = 0.5 halfway (affine);
-    ll.merge folds W_res + s·B A into plain weights with the adapter's outputs."""
+    """ll.scaled: c = 0 is the base model (the original weight), c = 1 the adapter; ll.merge folds W_res + s·B A into plain weights with the adapter's outputs."""
     m = base("gpt2")
     ids = batches(1)[0]
     with torch.no_grad():
