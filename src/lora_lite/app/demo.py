@@ -30,6 +30,8 @@ this task by single-seed sweeps (32 pairs x 50 steps unless noted), held-out MRR
     layers). With λ = 15 the encoder collapses (lr 1e-2: training loss stuck at log(batch), MRR 0.026;
     lr 1e-3: held-out top-1 below the base model's after 30 steps). λ = 3 (a ~20% perturbation) at 3e-3 gave 0.201;
     λ = 1 at 1e-2 gave 0.196.
+  - olora, loftq (LoRA on a rewritten weight; loftq's is the nf4-quantized residual): DEFAULT_LR 1e-3, lora's,
+    since both train LoRA's A and B at LoRA's scale s: 0.209 each (lora 0.211), loftq from the quantized model.
 `--lr` overrides the table for every variant.
 """
 
