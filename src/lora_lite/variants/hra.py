@@ -81,7 +81,6 @@ def _half_eye(r: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 @register
 class HRA(Variant):
     name = "hra"
-    b_tensors = ()  # LoRA+: none (peft's hra_u is 2-D and not named lora_B)
     kwargs = ("apply_GS",)
 
     @staticmethod

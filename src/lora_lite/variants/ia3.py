@@ -52,7 +52,6 @@ class IA3(Variant):
     """Output gate y ⊙ g; routes feed-forward targets to `IA3FF`."""
 
     name = "ia3"
-    b_tensors = ()  # LoRA+: none (peft's ia3_l is 2-D and not named lora_B)
     kwargs = _FF_KWARGS
     peft_type = "IA3"
 
@@ -117,7 +116,6 @@ class IA3FF(Variant):
     """Input gate x ⊙ g (pre-hook), peft's is_feedforward=True."""
 
     name = "ia3_ff"
-    b_tensors = ()  # LoRA+: none (peft's ia3_l is 2-D and not named lora_B)
     peft_type = "IA3"
 
     @staticmethod
