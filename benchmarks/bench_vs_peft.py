@@ -182,6 +182,25 @@ def _adalora(size: Size):
     return AdaLoraConfig(init_r=size.r, target_r=4, lora_alpha=size.alpha, total_step=1000, target_modules=list(PROJ))
 
 
+def _loftq(size: Size):
+    """peft's LoftQ init (4-bit, 1 iteration, its defaults). peft 0.21.2 hard-codes the "cuda" device in
+    `loftq_init`: without CUDA, its own source with that one string changed runs instead (the init only; the
+    timed train step is plain LoRA on the rewritten weight either way)."""
+    from peft import LoftQConfig
+
+    if not torch.cuda.is_available():
+        import inspect
+        import textwrap
+
+        import peft.tuners.lora.layer as layer
+        import peft.utils.loftq_utils as lu
+
+        ns = dict(vars(lu))
+        exec(textwrap.dedent(inspect.getsource(lu.loftq_init)).replace('"cuda"', '"cpu"'), ns)
+        layer.loftq_init = ns["loftq_init"]
+    return _lora(size, init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1))
+
+
 CASES: list[Case] = [
     Case("lora", {}, _lora),
     Case("rslora", {"variant": "lora", "variant_kwargs": {"use_rslora": True}}, lambda s: _lora(s, use_rslora=True)),
@@ -209,6 +228,8 @@ CASES: list[Case] = [
     # road: group_size 32 divides every out_features at both sizes (1376 = 43·32; peft's default 64 does not)
     Case("road", {"variant_kwargs": {"group_size": 32}}, lambda s: _road(s)),
     Case("adalora", {"variant_kwargs": {"target_r": 4, "total_step": 1000}}, lambda s: _adalora(s)),
+    Case("olora", {}, lambda s: _lora(s, init_lora_weights="olora")),
+    Case("loftq", {}, _loftq),
 ]
 
 

@@ -386,3 +386,29 @@ def test_resume_refuses_a_checkpoint_interrupted_between_its_writes(model_dir, t
     assert main(_train_args(model_dir, text_file, out, 4, "--resume")) == 2
     err = capsys.readouterr().err
     assert "adapter.safetensors' is not the file of step 2 recorded in train_state.json" in err
+
+
+def test_loraplus_lr_ratio_groups_the_optimizer_and_resumes_exactly(model_dir, text_file, tmp_path, capsys) -> None:
+    """--loraplus-lr-ratio: lora_B at ratio·lr, lora_A at lr (ll.param_groups); a resume keeps the groups and the
+    ratio, and equals the straight run."""
+    from safetensors import safe_open
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(_train_args(model_dir, text_file, straight, 4, "--loraplus-lr-ratio", "16")) == 0
+    assert main(_train_args(model_dir, text_file, split, 2, "--loraplus-lr-ratio", "16")) == 0
+    with safe_open(str(split / "optimizer.safetensors"), framework="pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+    assert [(g["name"], g["lr"]) for g in groups] == [("A", 1e-2), ("B", 0.16)]
+    assert main(_train_args(model_dir, text_file, split, 4, "--resume")) == 0  # the ratio comes from the run
+    assert json.loads((split / "train_state.json").read_text())["args"]["loraplus_lr_ratio"] == 16
+    _, _, a = ll.read_adapter(straight / "adapter.safetensors")
+    _, _, b = ll.read_adapter(split / "adapter.safetensors")
+    plain = tmp_path / "plain"
+    assert main(_train_args(model_dir, text_file, plain, 4)) == 0
+    _, _, c = ll.read_adapter(plain / "adapter.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(a[k], c[k]) for k in a if k.endswith("lora_B"))  # the ratio changed training
+    capsys.readouterr()
+    assert main(_train_args(model_dir, text_file, tmp_path / "o", 1, "--loraplus-lr-ratio", "-1")) == 2
+    assert "--loraplus-lr-ratio must be > 0" in capsys.readouterr().err

@@ -171,7 +171,8 @@ def _edit_config(path, **changes) -> None:
         (dict(peft_type="LOHA"), r"peft_type 'LOHA' is not supported"),
         (dict(r=8), r"rank 4 differs from the config's r=8"),
         (dict(init_lora_weights="pissa_niter_4"), r"init_lora_weights='pissa_niter_4'.*path_initial_model"),
-        (dict(init_lora_weights="olora"), r"init_lora_weights='olora'"),
+        (dict(init_lora_weights="corda"), r"init_lora_weights='corda'.*path_initial_model"),
+        (dict(init_lora_weights="olora", use_dora=True), r"init_lora_weights='olora' with use_dora"),
     ],
 )
 def test_import_refuses_unsupported_options(changes: dict, match: str, tmp_path) -> None:

@@ -28,6 +28,8 @@ CFGS = {  # every registered variant (test_every_variant_has_a_case)
     "eva": dict(r=4, alpha=8.0, variant_kwargs={"show_progress_bar": False}),
     "road": dict(variant_kwargs={"variant": "road_2", "group_size": 16}),
     "adalora": dict(r=4, alpha=8.0, variant_kwargs={"target_r": 2, "total_step": 10}),
+    "olora": dict(r=4, alpha=8.0),
+    "loftq": dict(r=4, alpha=4.0, variant_kwargs={"loftq_bits": 8}),
 }
 
 

@@ -34,6 +34,11 @@ CASES: dict[str, dict] = {
     # road: group_size 8 divides every out_features of both models (Toy: 16, 40; Llama: 16, 32, 64)
     "road": dict(cfg=dict(variant_kwargs={"variant": "road_2", "group_size": 8}), rtol=None, lr=1e-1),  # 2·d_out params
     "adalora": dict(cfg=dict(r=4, alpha=8.0, variant_kwargs={"target_r": 2, "total_step": 20}), rtol=None, lr=1e-2),
+    # olora: W = W_res + s·B A split in fp32, as pissa: identity to rounding (same bound as pissa's)
+    "olora": dict(cfg=dict(r=4, alpha=16.0), rtol=1e-5, lr=1e-2),  # alpha != r on purpose
+    # loftq is not the identity by design: W_res + s·B A = W minus the quantization error the rank-r correction
+    # leaves. int8 (per-row absmax/127: <= 0.4% of each row's largest weight per entry): measured 0.29% of max|y|
+    "loftq": dict(cfg=dict(r=4, alpha=8.0, variant_kwargs={"loftq_bits": 8, "loftq_iter": 2}), rtol=0.01, lr=1e-2),
 }
 
 

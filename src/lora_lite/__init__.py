@@ -10,6 +10,7 @@ from .io import load, read_adapter, save
 from .merge import merge, merged_state_dict
 from .mixed import per_sample
 from .named import active, adapter_state_dict, adapters, is_attached, set_active, targets
+from .optim import param_groups
 from .reference import reference_model
 from .runtime import attach, detach
 from .schedule import on_step, regularizer
@@ -46,6 +47,7 @@ __all__ = [
     "merged_state_dict",
     "per_sample",
     "on_step",
+    "param_groups",
     "read_adapter",
     "reference_model",
     "register",

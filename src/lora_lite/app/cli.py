@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--weight-decay", type=float, default=None, help="AdamW weight decay (default: 0; resume: the run's)"
     )
     o.add_argument(
+        "--loraplus-lr-ratio",
+        type=float,
+        default=None,
+        help="LoRA+: train the B-type tensors at this multiple of --lr (e.g. 16; default: off; resume: the run's)",
+    )
+    o.add_argument(
         "--grad-clip", type=float, default=None, help="max gradient norm, 0 = off (default: 1; resume: the run's)"
     )
     o.add_argument("--holdout", type=float, default=0.05, help="fraction of blocks held out (default: 0.05)")
@@ -336,7 +342,9 @@ def save_optimizer(opt: torch.optim.Optimizer, names: list[str], path: Path) -> 
     for i, st in sd["state"].items():
         for k, v in st.items():
             tensors[f"{names[i]}::{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "n_params": len(g["params"])} for g in sd["param_groups"]
+    ]
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"param_groups": json.dumps(groups)})
     os.replace(tmp, path)
@@ -355,7 +363,23 @@ def load_optimizer(opt: torch.optim.Optimizer, names: list[str], path: Path) -> 
         if pname not in index:
             raise ll.LoadError(f"{path}: optimizer state for {pname!r}, which is not a trainable adapter tensor")
         state.setdefault(index[pname], {})[k] = v
-    sd = {"state": state, "param_groups": [dict(g, params=list(range(len(names)))) for g in groups]}
+    if len(groups) != len(opt.param_groups) or any(
+        g.get("n_params", len(names)) != len(o["params"]) for g, o in zip(groups, opt.param_groups)
+    ):
+        raise ll.LoadError(
+            f"{path}: the saved optimizer has {len(groups)} parameter group(s) of other sizes than this run's "
+            f"{len(opt.param_groups)} (was --loraplus-lr-ratio given to only one of the runs?)"
+        )
+    first = [0]
+    for o in opt.param_groups:
+        first.append(first[-1] + len(o["params"]))
+    sd = {
+        "state": state,
+        "param_groups": [
+            {**{k: v for k, v in g.items() if k != "n_params"}, "params": list(range(first[i], first[i + 1]))}
+            for i, g in enumerate(groups)
+        ],
+    }
     opt.load_state_dict(sd)
 
 
@@ -414,10 +438,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         cfg = config_from_args(args)  # validate before the (slow) model load
     saved = prev.get("args", {})  # a resume keeps the run's optimizer settings unless the command line gives them
-    for k, default in (("lr", 3e-4), ("weight_decay", 0.0), ("grad_clip", 1.0)):
+    for k, default in (("lr", 3e-4), ("weight_decay", 0.0), ("grad_clip", 1.0), ("loraplus_lr_ratio", None)):
         if getattr(args, k) is None:
             setattr(args, k, saved.get(k, default))
     _need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    _need(
+        args.loraplus_lr_ratio is None or args.loraplus_lr_ratio > 0,
+        f"--loraplus-lr-ratio must be > 0, got {args.loraplus_lr_ratio}",
+    )
     _need(
         cfg.dtype != torch.float16,
         "--dtype float16: AdamW's eps (1e-8) rounds to 0 in float16, so the first update divides by zero and "
@@ -453,15 +481,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             b["attention_mask"] = torch.ones_like(b["input_ids"])
         ll.attach(model, cfg, calibration_data=calib, keep_original=False)
         start, history = 0, []
-    named = _trainable(model)
+    groups = ll.param_groups(model, args.lr, args.loraplus_lr_ratio, args.weight_decay)
+    name_of = {id(p): n for n, p in _trainable(model)}
+    grouped = {id(p) for g in groups for p in g["params"]}
+    other = [p for n, p in _trainable(model) if id(p) not in grouped]  # (anything trained besides adapter tensors)
+    if other:
+        groups.append({"params": other, "lr": args.lr, "weight_decay": args.weight_decay, "name": "other"})
+    named = [(name_of[id(p)], p) for g in groups for p in g["params"]]  # the optimizer's parameter order
     names = [n for n, _ in named]
     n_params = sum(p.numel() for _, p in named)
     print(f"adapter: {cfg.variant} r={cfg.r} alpha={cfg.alpha} on {len(ll.targets(model))} layers, {n_params:,} params")
-    opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     if args.resume and optim_path.is_file():
         load_optimizer(opt, names, optim_path)
-        for g in opt.param_groups:  # the command line wins over the saved hyper-parameters
-            g["lr"], g["weight_decay"] = args.lr, args.weight_decay
+        for g, new in zip(opt.param_groups, groups):  # the command line wins over the saved hyper-parameters
+            g["lr"], g["weight_decay"] = new["lr"], new["weight_decay"]
 
     try:
         out.mkdir(parents=True, exist_ok=True)  # now, not after training: an unwritable --out fails before the work

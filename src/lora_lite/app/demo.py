@@ -36,6 +36,8 @@ this task by single-seed sweeps (32 pairs x 50 steps unless noted), held-out MRR
     that scale argument, not by a sweep. adalora's schedule: target_r 4 of r = 8, deltaT 2, total_step = --steps,
     tinit = tfinal = --steps // 5 (the loop calls ll.on_step after every optimizer step). One short check run
     (8 steps x 32 pairs): road 0.198, adalora 0.198, lora (1e-3) 0.197, from 0.190.
+  - olora, loftq (LoRA on a rewritten weight; loftq's is the nf4-quantized residual): DEFAULT_LR 1e-3, lora's,
+    since both train LoRA's A and B at LoRA's scale s: 0.209 each (lora 0.211), loftq from the quantized model.
 `--lr` overrides the table for every variant.
 """
 

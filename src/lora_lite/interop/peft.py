@@ -1,6 +1,7 @@
 """Export to and import from peft's on-disk adapter format (`adapter_config.json` + `adapter_model.safetensors`).
 
-export_peft: lora (also rslora), eva and pissa as peft LoRA, dora as LoRA with use_dora, ia3 (ia3_ff
+export_peft: lora (also rslora), eva, pissa and olora as peft LoRA, loftq as peft LoRA with
+init_lora_weights="loftq" (peft re-runs its LoftQ init on load), dora as LoRA with use_dora, ia3 (ia3_ff
 layers as `feedforward_modules`) as IA3, so `peft.PeftModel.from_pretrained(base, dir)` on the
 unmodified base reproduces the adapted model. Tensor keys are `base_model.model.<module name>.<tensor>`
 (peft 0.21.2 `get_peft_model_state_dict`): lora_A.weight (r, d_in), lora_B.weight (d_out, r),
@@ -13,8 +14,8 @@ Each variant converts its own tensors (`Variant.peft_type`, `peft_tensors`, `pef
 is written against the ORIGINAL weight as a rank-2r LoRA (peft's PiSSA conversion, see pissa.py).
 
 import_peft: peft LoRA (incl. rslora, DoRA) and IA3 adapters, attached as lora-lite lora / dora / ia3
-(a peft PiSSA adapter saved without conversion, init_lora_weights="pissa", as lora-lite pissa: both
-re-derive W_res from the exact SVD of the base weight on load).
+(a peft PiSSA, OLoRA or LoftQ adapter saved without conversion, init_lora_weights="pissa" / "olora" /
+"loftq", as lora-lite pissa / olora / loftq: both re-derive W_res from the base weight on load, bit-exact).
 The targets are read from the tensor keys (exactly the modules peft adapted, whatever `target_modules`
 pattern chose them); ia3's feed-forward split from `feedforward_modules` with peft's own matching rule.
 `fan_in_fan_out` needs no handling: peft's lora tensors have the same shapes for GPT-2 Conv1D, and our
@@ -75,7 +76,8 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 def export_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
     """Write adapter `name` (may be left out when one is attached) as a peft adapter directory; return it.
 
-    Supported: every variant with a `peft_type` (lora incl. rslora, eva, pissa as LoRA, dora, ia3 / ia3_ff).
+    Supported: every variant with a `peft_type` (lora incl. rslora, eva, pissa and olora as LoRA,
+    loftq as LoftQ, dora, ia3 / ia3_ff).
     Other variants raise AdapterError.
     """
     from safetensors.torch import save_file
@@ -186,13 +188,20 @@ def _lora_plan(
     use_dora = bool(pc.get("use_dora", False))
     variant = "dora" if use_dora else "lora"
     init = pc.get("init_lora_weights", True)
-    if init == "pissa" and not use_dora:  # peft re-runs the exact SVD on load: so does our pissa (bit-exact)
-        variant = "pissa"
+    kwargs: dict[str, Any] = {}
+    # peft re-runs these inits on the base weight on load, and so do ours (deterministic: bit-exact in fp32)
+    init = "olora" if isinstance(init, str) and init.lower() == "olora" else init  # (peft: case-insensitive)
+    if init in ("pissa", "olora", "loftq") and not use_dora:
+        variant = init
+        if init == "loftq":
+            lq = pc.get("loftq_config") or {}
+            kwargs = {"loftq_bits": int(lq.get("loftq_bits", 4)), "loftq_iter": int(lq.get("loftq_iter", 1))}
     elif isinstance(init, str) and init.lower().startswith(("pissa", "corda", "olora", "loftq")):
         raise LoadError(
-            f"{str(path)!r}: init_lora_weights={init!r}: peft replaced the base weight at init in a way lora-lite "
-            "cannot re-derive (only the exact-SVD init 'pissa' without DoRA is supported). Convert it to a plain "
-            "LoRA with peft: save_pretrained(dir, path_initial_model_for_weight_conversion=...), and import that"
+            f"{str(path)!r}: init_lora_weights={init!r}{' with use_dora' if use_dora else ''}: peft replaced the "
+            "base weight at init in a way lora-lite cannot re-derive (supported: 'pissa' (exact SVD), 'olora' and "
+            "'loftq', without DoRA). Convert it to a plain LoRA with peft: save_pretrained(dir, "
+            "path_initial_model_for_weight_conversion=...), and import that"
         )
     mts = _peft_modules_to_save(pc, model)
     saved_tensors: dict[str, dict[str, Any]] = {}
@@ -237,7 +246,7 @@ def _lora_plan(
         target_names=_exact(linear),
         target_roles=("reader", "writer") if linear else (),
         exclude_names=(),
-        variant_kwargs={"use_rslora": True} if pc.get("use_rslora") else {},
+        variant_kwargs={**kwargs, **({"use_rslora": True} if pc.get("use_rslora") else {})},
         target_parameters=_exact(sorted(params)),
         # keys matching no target never applied in peft either (it warns): left out, as lora-lite refuses them
         rank_pattern={k: v for k, v in (pc.get("rank_pattern") or {}).items() if _applies(k, names)},

@@ -50,6 +50,7 @@ def max_angle(cfg: LoraLiteConfig) -> float | None:
 @register
 class AntiPaSTO(Variant):
     name = "antipasto"
+    b_tensors = ("lora_delta_s",)  # LoRA+: peft's rule (1-D tensors are B-type); no peft counterpart
     kwargs = _KWARGS
     rewrites_weight = True
     reads_weight = True

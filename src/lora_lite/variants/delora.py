@@ -41,6 +41,7 @@ def _lambda(cfg: LoraLiteConfig) -> float:
 @register
 class DeLoRA(Variant):
     name = "delora"
+    b_tensors = ("lora_B", "lora_lambda")  # LoRA+: peft's delora_B (its name holds "lora_B"), 1-D delora_lambda
     kwargs = ("delora_lambda",)
     reads_weight = True
 

@@ -80,9 +80,8 @@ def weight_norm(layer: nn.Module) -> torch.Tensor:
 @register
 class DoRA(Variant):
     name = "dora"
-    kwargs = ("use_rslora",)
-    peft_type = "LORA"
-    reads_weight = True
+    b_tensors = ("lora_B", "lora_m")  # LoRA+: peft's lora_B, and its 1-D lora_magnitude_vector
+    kwargs, peft_type, reads_weight = ("use_rslora",), "LORA", True
     kinds = KINDS  # embeddings and convolutions: lora_embedding.py, lora_conv.py
     route = classmethod(routed)
 

@@ -48,6 +48,7 @@ _KWARGS = {
 @register
 class EVA(Variant):
     name = "eva"
+    b_tensors = ("lora_B",)  # LoRA+: peft's lora_B
     kwargs = tuple(_KWARGS)
 
     @staticmethod

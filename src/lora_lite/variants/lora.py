@@ -52,6 +52,7 @@ def routed(cls: type[Variant], name: str, role: str, cfg: LoraLiteConfig) -> typ
 @register
 class LoRA(Variant):
     name = "lora"
+    b_tensors = ("lora_B",)  # LoRA+ (ll.param_groups): peft's lora_B (pissa, olora, loftq inherit it)
     kwargs = ("use_rslora",)
     peft_type = "LORA"
     kinds = KINDS
