@@ -140,3 +140,20 @@ def test_every_variant_declares_b_tensors_it_has() -> None:
 
 def _extra(name: str) -> dict:
     return {"variant_kwargs": {"block_size": 2}} if name == "antipasto" else {}
+
+
+def test_modules_to_save_join_the_groups_as_in_peft() -> None:
+    """modules_to_save parameters: peft's rule on their names (not lora_B; 1-D -> B), so lm_head.weight is A-type;
+    a biased Linear's bias is B-type; without LoRA+ they are in the one group."""
+    from _models import Toy
+
+    m = Toy()
+    ll.attach(m, ll.LoraLiteConfig(r=2, target_names=(r"up$",), modules_to_save=(r"layers\.1\.q$",)))
+    q = m.layers[1].q
+    assert q.bias is not None and q.weight.requires_grad and q.bias.requires_grad
+    groups = {g["name"]: g for g in ll.param_groups(m, LR, loraplus_lr_ratio=RATIO)}
+    assert any(p is q.weight for p in groups["A"]["params"]) and any(p is q.bias for p in groups["B"]["params"])
+    (one,) = ll.param_groups(m, LR)
+    assert sum(p is q.weight or p is q.bias for p in one["params"]) == 2
+    trainable = {id(p) for p in m.parameters() if p.requires_grad}
+    assert trainable == {id(p) for g in groups.values() for p in g["params"]}  # nothing left out

@@ -7,6 +7,7 @@ tensors are B-type each variant declares in `Variant.b_tensors`, chosen to repro
 name contains "lora_B" or it is 1-D (dora's magnitude, delora's lambda). Adapters on embedding layers go to
 their own group at `loraplus_lr_embedding` (peft's default 1e-6), as peft's. Every group gets `weight_decay`
 (peft's `loraplus_weight_decay`); peft's B-no-decay group only holds tensors named "bias", which no variant has.
+The trained parameters of `modules_to_save` join the groups by peft's rule (1-D ones, e.g. a head's bias, are B).
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def param_groups(
                 else:
                     kind = "B" if p in st.variant.b_tensors else "A"
                 groups[kind].append(t)
+        for sm in state.adapters[name].saved.values():  # modules_to_save: peft's rule on their own names (1-D: B)
+            for t in sm.tensors.values():
+                if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in seen:
+                    seen.add(id(t))
+                    groups["adapters" if loraplus_lr_ratio is None else "B" if t.dim() == 1 else "A"].append(t)
     ratio = 1.0 if loraplus_lr_ratio is None else float(loraplus_lr_ratio)
     lrs = {"adapters": lr, "A": lr, "B": ratio * lr, "embedding": loraplus_lr_embedding}
     return [{"params": ps, "lr": lrs[k], "weight_decay": weight_decay, "name": k} for k, ps in groups.items() if ps]
