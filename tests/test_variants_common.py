@@ -31,6 +31,8 @@ CASES: dict[str, dict] = {
     "ia3": dict(cfg=dict(variant_kwargs={"feedforward_roles": ["writer"]}), rtol=None, lr=1e-1),
     "ia3_ff": dict(cfg=dict(), rtol=None, lr=1e-1),
     "eva": dict(cfg=dict(r=4, alpha=8.0), rtol=None, lr=1e-2, calib=lambda model, kind: _eva_calib(kind)),
+    "oft": dict(cfg=dict(variant_kwargs={"block_size": 4}), rtol=None, lr=5e-2),  # rotations only: lr 5e-2
+    "boft": dict(cfg=dict(variant_kwargs={"block_size": 4, "n_butterfly_factor": 2}), rtol=None, lr=1e-2),
 }
 
 
