@@ -26,6 +26,8 @@ CFGS = {  # every registered variant (test_every_variant_has_a_case)
     "ia3": dict(variant_kwargs={"feedforward_roles": ["writer"]}),  # output gates + input gates (pre-hook)
     "ia3_ff": dict(),
     "eva": dict(r=4, alpha=8.0, variant_kwargs={"show_progress_bar": False}),
+    "oft": dict(variant_kwargs={"block_size": 4}),  # input rotation (pre-hook)
+    "boft": dict(variant_kwargs={"block_size": 4, "n_butterfly_factor": 2}),  # pre-hook and forward hook
 }
 
 
