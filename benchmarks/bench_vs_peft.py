@@ -164,6 +164,18 @@ def _ia3(size: Size, ff: tuple[str, ...] = ()):
     return IA3Config(target_modules=list(PROJ), feedforward_modules=list(ff))
 
 
+def _oft(size: Size):
+    from peft import OFTConfig
+
+    return OFTConfig(r=0, oft_block_size=32, target_modules=list(PROJ))
+
+
+def _boft(size: Size):
+    from peft import BOFTConfig
+
+    return BOFTConfig(boft_block_size=8, target_modules=list(PROJ))  # factor 1: peft's only one on CPU
+
+
 CASES: list[Case] = [
     Case("lora", {}, _lora),
     Case("rslora", {"variant": "lora", "variant_kwargs": {"use_rslora": True}}, lambda s: _lora(s, use_rslora=True)),
@@ -186,6 +198,8 @@ CASES: list[Case] = [
     Case("hra", {}, _hra),
     Case("eva", {}, _eva, calib=True),
     Case("antipasto", {}, None),
+    Case("oft", {"variant_kwargs": {"block_size": 32}}, _oft),
+    Case("boft", {"variant_kwargs": {"block_size": 8}}, _boft),
 ]
 
 

@@ -301,7 +301,7 @@ def test_refusals() -> None:
         cfg(variant="oft", variant_kwargs={"module_dropout": 0.1})
     with pytest.raises(ll.ConfigError, match="dropout=0.1 is not supported"):
         cfg(variant="boft", dropout=0.1)
-    with pytest.raises(ll.ConfigError, match="one of variant_kwargs block_size and block_num"):
+    with pytest.raises(ll.ConfigError, match="only one of variant_kwargs block_size and block_num"):
         cfg(variant="boft", variant_kwargs={"block_size": 4, "block_num": 4})
     with pytest.raises(ll.ConfigError, match="num_cayley_neumann_terms"):
         cfg(variant="oft", variant_kwargs={"num_cayley_neumann_terms": 0})

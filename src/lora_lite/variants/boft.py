@@ -1,24 +1,23 @@
 """BOFT. Liu et al. 2024, "Parameter-Efficient Orthogonal Finetuning via Butterfly Factorization", arXiv 2311.06243.
 
     y' = s ⊙ ((x M) Wᵀ) + b               (peft: s ⊙ (base(x M) − b) + b),        s = lora_s: (d_out,)
-    M = B_m ⋯ B_1,  B_i = P_i blockdiag(R_i1 … R_iD) P_iᵀ   (d_in × d_in; m = n_butterfly_factor, D·H = d_in)
+    M = B_m ⋯ B_1,  B_i = P_i blockdiag(R_i1 … R_iD) P_iᵀ   (m = n_butterfly_factor, D·H = d_in, P_1 = I)
     R_ij = (I − S)(I + S)⁻¹,  S = ½ (A − Aᵀ),  A = lora_R[i, j]: (H, H)        lora_R: (m, D, H, H)
 
-P_i is peft's block butterfly permutation (P_1 = I: with m = 1, BOFT is OFT with a Cayley block rotation).
-Both hooks: a pre-hook applies x → x M factor by factor (gather, batched (D, H, H) matmul, gather: O(m·d_in·H)
-per token, no d_in × d_in matrix), and the forward hook scales the output around the base bias. Any base works.
-variant_kwargs (peft's names without boft_): block_size (H) or block_num (D), one of them (default block_size
-4), n_butterfly_factor (m, default 1), boft_dropout (0.0: in training, replaces int(p·D) random blocks of one
-random factor by I, as peft, same RNG calls). No dropout.
+P_i: peft's butterfly permutations. A pre-hook applies x → x M factor by factor (gather, batched (D, H, H)
+matmul, gather: O(m·d_in·H) per token, no d_in × d_in matrix); the forward hook scales the output around the
+base bias. Any base works. variant_kwargs (peft's names without boft_): block_size (H, default 4) or
+block_num (D), n_butterfly_factor (m, default 1), boft_dropout (0.0; in training, int(p·D) random blocks of one
+random factor become I, peft's RNG calls). No dropout.
 
-Init: lora_R = 0 ⇒ S = 0 ⇒ R = I and M = I exactly; lora_s = 1 ⇒ y' = y bit for bit. Both train from step 1.
+Init: lora_R = 0 ⇒ S = 0 ⇒ M = I exactly; lora_s = 1 ⇒ y' = y bit for bit. Both train from step 1.
 Merge (`ll.merge`): W_eff = diag(s) W Mᵀ, b_eff = s ⊙ (b − b_base) + b_base (= b for a lone adapter).
-Steering (`ll.scaled(model, c)`): S → c·S in every block (a fractional rotation; c = −1 gives each block's exact
-inverse R(1)ᵀ, which is M⁻¹ when m = 1) and s → 1 + c·(s − 1); c = 0 is the base model.
+Steering (`ll.scaled(model, c)`): S → c·S in every block (a fractional rotation; c = −1 inverts each block
+exactly, so M(−1) = M⁻¹ when m = 1) and s → 1 + c·(s − 1); c = 0 is the base model.
 
-Checked against peft 0.21.2 `peft/tuners/boft/layer.py` (Linear.forward, get_delta_weight, cayley_batch). On CPU
-peft forces n_butterfly_factor to 1 (its block-diagonal kernel is CUDA-only): m > 1 is tested against a dense
-construction of M instead. Notes: docs/variants/boft.md.
+Checked against peft 0.21.2 `peft/tuners/boft/layer.py` (Linear.forward, get_delta_weight, cayley_batch); peft
+on CPU forces n_butterfly_factor to 1, so m > 1 is tested with its CUDA block-diagonal kernel replaced by a
+dense one. Notes: docs/variants/boft.md.
 """
 
 from __future__ import annotations
@@ -31,11 +30,10 @@ from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
 from ..variant import ParamSpec, Variant, register
-from .oft import _INT, check_options, rotate
+from .orthogonal import INT1, INT2, check_options, refuse_peft_options, rotate
 
-_POS = (lambda v: _INT[0](v + 1), "an integer >= 1")
 _P = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)")
-CHECKS = dict(block_size=_INT, block_num=_POS, n_butterfly_factor=_POS, boft_dropout=_P)
+CHECKS = dict(block_size=INT2, block_num=INT1, n_butterfly_factor=INT1, boft_dropout=_P)
 
 
 def shape(d_in: int, cfg: LoraLiteConfig) -> tuple[int, int, int]:
@@ -43,21 +41,19 @@ def shape(d_in: int, cfg: LoraLiteConfig) -> tuple[int, int, int]:
     kw, m = cfg.variant_kwargs, cfg.variant_kwargs.get("n_butterfly_factor", 1)
     D = kw["block_num"] if "block_num" in kw else d_in // kw.get("block_size", 4)
     H = d_in // D if D else 0
-    odd = m > 1 and (D % 2 or H % 2 or D % 2 ** (m - 1))
-    if not D or D * H != d_in or H < 2 or odd:
+    if not D or D * H != d_in or H < 2 or (m > 1 and (D % 2 or H % 2 or D % 2 ** (m - 1))):
         what = f"block_num={D}" if "block_num" in kw else f"block_size={kw.get('block_size', 4)}"
         raise ConfigError(
             f"boft: {what} with n_butterfly_factor={m} does not tile d_in={d_in}: need block_num * block_size = d_in, "
-            "block_size >= 2 and, for n_butterfly_factor > 1, both even and block_num a multiple of "
-            "2^(n_butterfly_factor - 1); change them or exclude this layer"
+            "block_size >= 2 and, for a factor m > 1, both even and block_num a multiple of 2^(m-1); change them "
+            "or exclude this layer"
         )
     return m, D, H
 
 
 @functools.cache
 def perms(d_in: int, D: int, H: int, m: int, device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """(perm_i, inverse of perm_i) of P_i for i < m: within chunks of H·2^i, the H/2-wide pieces in order 0, 2, 4, …,
-    then 1, 3, …; x P = x[..., inverse], x Pᵀ = x[..., perm]. P_0 is always the identity."""
+    """(perm, inverse) of each P_i: in chunks of H·2^i, the H/2-wide pieces 0, 2, 4, …, 1, 3, …; x P_i = x[…, inv]."""
     out = []
     for i in range(m):
         chunk, piece = H * 2**i, H // 2
@@ -68,17 +64,17 @@ def perms(d_in: int, D: int, H: int, m: int, device: torch.device) -> tuple[tupl
     return tuple(out)
 
 
-def blocks(layer: nn.Module, c: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The Cayley blocks R_ij of M(c), (m, D, H, H), with boft_dropout applied in training."""
+def blocks(layer: nn.Module, c: float = 1.0, dtype: torch.dtype | None = None, drop: bool = True) -> torch.Tensor:
+    """The Cayley blocks R_ij of M(c), (m, D, H, H); `drop`: boft_dropout applies (in training mode)."""
     A = layer.lora_R if dtype is None else layer.lora_R.to(dtype)
     S, eye = (0.5 * c) * (A - A.transpose(-1, -2)), torch.eye(A.shape[-1], device=A.device, dtype=A.dtype)
     dt = torch.promote_types(A.dtype, torch.float32)  # no half-precision solve on CPU
     R = torch.linalg.solve((eye + S).to(dt), (eye - S).to(dt), left=False).to(A.dtype)
     p = layer._lora_lite.cfg.variant_kwargs.get("boft_dropout", 0.0)
-    if p and layer.training:  # peft's MultiplicativeDropoutLayer, same draws in the same order
+    if p and drop and layer.training:  # peft's MultiplicativeDropoutLayer, same draws in the same order
         i, m, D = torch.randint(0, R.shape[0], (1,)).item(), R.shape[0], R.shape[1]
-        drop = (torch.randperm(D) < int(p * D)).to(R.device)[:, None, None]
-        R = torch.stack([torch.where(drop, eye, R[k]) if k == i else R[k] for k in range(m)])
+        off = (torch.randperm(D) < int(p * D)).to(R.device)[:, None, None]
+        R = torch.stack([torch.where(off, eye, R[k]) if k == i else R[k] for k in range(m)])
     return R
 
 
@@ -99,9 +95,7 @@ class BOFT(Variant):
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:
-        check_options(cfg, "boft", CHECKS)
-        if "block_size" in cfg.variant_kwargs and "block_num" in cfg.variant_kwargs:
-            raise ConfigError("boft: pass one of variant_kwargs block_size and block_num (block_num·block_size = d_in)")
+        check_options(cfg, "boft", CHECKS, exclusive=("block_size", "block_num"))  # block_num·block_size = d_in
 
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
@@ -125,7 +119,7 @@ class BOFT(Variant):
     @staticmethod
     def merged_weight(layer: nn.Module, W: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         """diag(s) W Mᵀ; b' = s ⊙ (b − b_base) + b_base."""
-        M = butterfly(torch.eye(W.shape[1], device=W.device, dtype=W.dtype), blocks(layer, dtype=W.dtype))
+        M = butterfly(torch.eye(W.shape[1], device=W.device, dtype=W.dtype), blocks(layer, dtype=W.dtype, drop=False))
         s, b0 = layer.lora_s.to(W.dtype), 0 if layer.bias is None else layer.bias.to(W.dtype)
         return s[:, None] * (W @ M.T), None if b is None else s * (b - b0) + b0
 
@@ -135,21 +129,14 @@ class BOFT(Variant):
 
     @staticmethod
     def peft_config(cfg: LoraLiteConfig, layers: dict[str, nn.Module]) -> dict[str, Any]:
-        kw = cfg.variant_kwargs
-        num = kw.get("block_num", 0)
+        kw, num = cfg.variant_kwargs, cfg.variant_kwargs.get("block_num", 0)
         return dict(boft_block_size=0 if num else kw.get("block_size", 4), boft_block_num=num, bias="none",
                     boft_n_butterfly_factor=kw.get("n_butterfly_factor", 1), boft_dropout=kw.get("boft_dropout", 0.0),
                     init_weights=True)  # fmt: skip
 
     @staticmethod
     def peft_import(pc: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict]]:
-        bad = [k for k in ("modules_to_save", "layers_pattern") if pc.get(k)] + (
-            ["bias"] if pc.get("bias", "none") != "none" else []
-        )
-        if bad:
-            raise ValueError(
-                f"peft BOFT option(s) {bad} = {[pc[k] for k in bad]} are not supported by lora-lite's boft"
-            )
+        refuse_peft_options(pc, "BOFT")
         per: dict[str, dict] = {}
         for key, t in tensors.items():
             mod, _, tname = key.rpartition(".")
@@ -158,7 +145,6 @@ class BOFT(Variant):
             per.setdefault(mod, {})["lora_R" if tname == "boft_R" else "lora_s"] = t if tname == "boft_R" else t[:, 0]
         m = next(ts["lora_R"].shape[0] for ts in per.values() if "lora_R" in ts)  # peft on CPU: 1, whatever the config
         num, size = int(pc.get("boft_block_num", 0)), int(pc.get("boft_block_size", 0))
-        kw = {"n_butterfly_factor": m, **({"block_num": num} if num else {"block_size": size})}
-        if pc.get("boft_dropout"):
-            kw["boft_dropout"] = float(pc["boft_dropout"])
+        kw = {"block_num": num} if num else {"block_size": size}
+        kw |= {"n_butterfly_factor": m, "boft_dropout": pc.get("boft_dropout", 0.0)}
         return {"variant": "boft", "variant_kwargs": kw}, per

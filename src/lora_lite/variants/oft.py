@@ -23,7 +23,6 @@ Notes: docs/variants/oft.md.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -32,18 +31,17 @@ from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
 from ..variant import ParamSpec, Variant, register
+from .orthogonal import BOOL, INT1, INT2, check_options, refuse_peft_options, rotate, skew
 
 DEFAULTS: dict[str, Any] = dict(
     block_size=None, use_cayley_neumann=True, num_cayley_neumann_terms=5, block_share=False, coft=False, eps=6e-5
 )
-_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2, "an integer >= 2")
-_BOOL = (lambda v: isinstance(v, bool), "True or False")
 CHECKS = dict(
-    block_size=(lambda v: v is None or _INT[0](v), "None or an integer >= 2"),
-    use_cayley_neumann=_BOOL,
-    num_cayley_neumann_terms=(lambda v: _INT[0](v + 1), "an integer >= 1"),
-    block_share=_BOOL,
-    coft=_BOOL,
+    block_size=(lambda v: v is None or INT2[0](v), "None or an integer >= 2"),
+    use_cayley_neumann=BOOL,
+    num_cayley_neumann_terms=INT1,
+    block_share=BOOL,
+    coft=BOOL,
     eps=(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
     module_dropout=(lambda v: v == 0, "0.0 (peft 0.21.2 creates this block dropout but never applies it)"),
 )
@@ -51,18 +49,6 @@ CHECKS = dict(
 
 def opt(cfg: LoraLiteConfig, key: str) -> Any:
     return cfg.variant_kwargs.get(key, DEFAULTS[key])
-
-
-def check_options(cfg: LoraLiteConfig, name: str, checks: dict) -> None:
-    """ConfigError for the first variant_kwargs value that fails its check, or for dropout > 0."""
-    for key, (ok, what) in checks.items():
-        if key in cfg.variant_kwargs and not ok(cfg.variant_kwargs[key]):
-            raise ConfigError(f"{name}: variant_kwargs[{key!r}] must be {what}, got {cfg.variant_kwargs[key]!r}")
-    if cfg.dropout:
-        raise ConfigError(
-            f"{name}: dropout={cfg.dropout} is not supported (the rotation acts on the base layer's input: "
-            "dropout there would drop the base path too). Use dropout=0.0"
-        )
 
 
 def blocks(d_in: int, cfg: LoraLiteConfig) -> tuple[int, int]:
@@ -77,19 +63,6 @@ def blocks(d_in: int, cfg: LoraLiteConfig) -> tuple[int, int]:
             f"{ok} (or r = d_in / block_size), or exclude this layer"
         )
     return n, d_in // n
-
-
-@functools.cache
-def _triu(bs: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.triu_indices(bs, bs, 1, device=device))
-
-
-def skew(v: torch.Tensor) -> torch.Tensor:
-    """(k, bs(bs−1)/2) -> (k, bs, bs): T − Tᵀ with T's strict upper triangle = v (row-major, as peft)."""
-    bs = (1 + math.isqrt(1 + 8 * v.shape[-1])) // 2
-    T = v.new_zeros(v.shape[0], bs, bs)
-    T[(slice(None), *_triu(bs, v.device))] = v
-    return T - T.transpose(-1, -2)
 
 
 def cayley(Q: torch.Tensor, neumann: bool = True, terms: int = 5) -> torch.Tensor:
@@ -122,14 +95,6 @@ def rotation(layer: nn.Module, c: float = 1.0, dtype: torch.dtype | None = None)
         coft_project(v, opt(cfg, "eps"))
     Q = skew(v if dtype is None else v.to(dtype))
     return cayley(Q if c == 1.0 else c * Q, opt(cfg, "use_cayley_neumann"), opt(cfg, "num_cayley_neumann_terms"))
-
-
-def rotate(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """x blockdiag(R) for x (…, n·bs) and R (n, bs, bs), or (1, bs, bs) shared by every block."""
-    if R.shape[0] == 1:
-        return (x.reshape(-1, R.shape[-1]) @ R[0]).view(x.shape)
-    xb = x.reshape(-1, R.shape[0], R.shape[-1]).transpose(0, 1)  # (n, N, bs)
-    return torch.bmm(xb, R).transpose(0, 1).reshape(x.shape)
 
 
 @register
@@ -173,11 +138,7 @@ class OFT(Variant):
 
     @staticmethod
     def peft_import(pc: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict]]:
-        bad = [k for k in ("modules_to_save", "layers_pattern") if pc.get(k)] + (
-            ["bias"] if pc.get("bias", "none") != "none" else []
-        )
-        if bad:
-            raise ValueError(f"peft OFT option(s) {bad} = {[pc[k] for k in bad]} are not supported by lora-lite's oft")
+        refuse_peft_options(pc, "OFT")
         per = {}
         for key, t in tensors.items():
             if not key.endswith(".oft_R.weight"):
