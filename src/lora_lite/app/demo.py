@@ -57,6 +57,8 @@ EXCLUDE = ("pooler",)  # ... but not BERT's pooler, which mean pooling never use
 LR = {"ia3": 3e-2, "ia3_ff": 3e-2, "antipasto": 3e-2, "delora": 3e-3}  # see the docstring; others: DEFAULT_LR
 DEFAULT_LR = 1e-3
 VARIANT_KWARGS = {"delora": {"delora_lambda": 3.0}}  # peft's 15 is sized for 4096-wide layers (docstring)
+VARIANT_KWARGS["oft"] = {"block_size": 32}  # peft's default oft_block_size (r=8 would mean 8 blocks of 48-192)
+VARIANT_KWARGS["boft"] = {"block_size": 8, "n_butterfly_factor": 2}
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
