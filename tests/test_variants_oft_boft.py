@@ -220,7 +220,9 @@ def test_steering_merge_and_identity(case: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-@pytest.mark.parametrize("case", ["oft_bs4", "oft_share_3terms", "boft_bs4", "boft_num4", "boft_bs4_f2"])
+@pytest.mark.parametrize(
+    "case", ["oft_bs4", "oft_r4_exact_cayley", "oft_share_3terms", "boft_bs4", "boft_num4", "boft_bs4_f2"]
+)
 def test_peft_io_both_ways(case: str, kind: str, tmp_path, request) -> None:
     """peft's save_pretrained -> ll.import_peft, and ll.export_peft -> peft's from_pretrained, same outputs."""
     pm, ours, pairs = _pair(case, kind, request)
