@@ -22,7 +22,6 @@ dense one. Notes: docs/variants/boft.md.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -51,19 +50,6 @@ def shape(d_in: int, cfg: LoraLiteConfig) -> tuple[int, int, int]:
     return m, D, H
 
 
-@functools.cache
-def perms(d_in: int, D: int, H: int, m: int, device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """(perm, inverse) of each P_i: in chunks of H·2^i, the H/2-wide pieces 0, 2, 4, …, 1, 3, …; x P_i = x[…, inv]."""
-    out = []
-    for i in range(m):
-        chunk, piece = H * 2**i, H // 2
-        order = [*range(0, chunk // piece, 2), *range(1, chunk // piece, 2)]
-        within = torch.cat([torch.arange(k * piece, (k + 1) * piece) for k in order]) if m > 1 else torch.arange(chunk)
-        perm = (torch.arange(0, d_in, chunk)[:, None] + within).reshape(-1)
-        out.append((perm.to(device), torch.argsort(perm).to(device)))
-    return tuple(out)
-
-
 def blocks(layer: nn.Module, c: float = 1.0, dtype: torch.dtype | None = None, drop: bool = True) -> torch.Tensor:
     """The Cayley blocks R_ij of M(c), (m, D, H, H); `drop`: boft_dropout applies (in training mode)."""
     A = layer.lora_R if dtype is None else layer.lora_R.to(dtype)
@@ -78,12 +64,20 @@ def blocks(layer: nn.Module, c: float = 1.0, dtype: torch.dtype | None = None, d
     return R
 
 
+def factor(x: torch.Tensor, R: torch.Tensor, g: int) -> torch.Tensor:
+    """x B_i = x P_i blockdiag(R) P_iᵀ; g = 2^(i−1) for i > 1, g = 0 for P_1 = I. In chunks of 2·g·h features
+    (h = H/2), P_i puts the even h-wide pieces first, then the odd ones: a (2, g) -> (g, 2) transpose."""
+    if not g:
+        return rotate(x, R)
+    D, h = R.shape[0], R.shape[-1] // 2  # block (c, g) of x P_i holds pieces (c, 0, g) and (c, 1, g) of x
+    xv, Rv = x.reshape(-1, D // g, 2, g, h), R.view(D // g, g, 2, h, 2, h)
+    return torch.einsum("ncbge,cgbefk->ncfgk", xv, Rv).reshape(x.shape)  # · P_iᵀ: back to (c, f, g) pieces
+
+
 def butterfly(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """x M = x B_m ⋯ B_1 for x (…, d_in): the last factor first, each a gather, a block rotation and a gather."""
-    m, D, H = R.shape[:3]
-    for i, (perm, inv) in reversed(list(enumerate(perms(x.shape[-1], D, H, m, x.device)))):
-        x = rotate(x if i == 0 else x[..., inv], R[i])
-        x = x if i == 0 else x[..., perm]
+    """x M = x B_m ⋯ B_1 for x (…, d_in), the last factor first: one einsum per factor, no gather."""
+    for i in reversed(range(R.shape[0])):
+        x = factor(x, R[i], 2**i if i else 0)  # R[i] is B_(i+1): chunks of 2^(i+1) half-blocks
     return x
 
 

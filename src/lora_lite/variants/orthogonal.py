@@ -58,5 +58,4 @@ def rotate(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """x blockdiag(R) for x (…, k·bs) and R (k, bs, bs), or (1, bs, bs) shared by every block: O(k·bs²) per row."""
     if R.shape[0] == 1:
         return (x.reshape(-1, R.shape[-1]) @ R[0]).view(x.shape)
-    xb = x.reshape(-1, R.shape[0], R.shape[-1]).transpose(0, 1)  # (k, N, bs)
-    return torch.bmm(xb, R).transpose(0, 1).reshape(x.shape)
+    return torch.einsum("nkh,khc->nkc", x.reshape(-1, *R.shape[:2]), R).reshape(x.shape)  # (faster than a bmm)
