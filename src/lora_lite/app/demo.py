@@ -30,6 +30,9 @@ this task by single-seed sweeps (32 pairs x 50 steps unless noted), held-out MRR
     layers). With λ = 15 the encoder collapses (lr 1e-2: training loss stuck at log(batch), MRR 0.026;
     lr 1e-3: held-out top-1 below the base model's after 30 steps). λ = 3 (a ~20% perturbation) at 3e-3 gave 0.201;
     λ = 1 at 1e-2 gave 0.196.
+  - oft (block_size 32, peft's default; rotation angles start at 0) and boft (block_size 8, 2 butterfly
+    factors, + an output scale): DEFAULT_LR 1e-3, at 64 x 20: oft 0.214 (1e-2: 0.168), boft 0.212 (1e-2:
+    0.182). Rotations compound over 6 blocks, so a larger lr overshoots, unlike ia3's per-feature gates.
 `--lr` overrides the table for every variant.
 """
 
