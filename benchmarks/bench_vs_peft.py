@@ -201,6 +201,18 @@ def _loftq(size: Size):
     return _lora(size, init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1))
 
 
+def _oft(size: Size):
+    from peft import OFTConfig
+
+    return OFTConfig(r=0, oft_block_size=32, target_modules=list(PROJ))
+
+
+def _boft(size: Size):
+    from peft import BOFTConfig
+
+    return BOFTConfig(boft_block_size=8, target_modules=list(PROJ))  # factor 1: peft's only one on CPU
+
+
 CASES: list[Case] = [
     Case("lora", {}, _lora),
     Case("rslora", {"variant": "lora", "variant_kwargs": {"use_rslora": True}}, lambda s: _lora(s, use_rslora=True)),
@@ -230,6 +242,8 @@ CASES: list[Case] = [
     Case("adalora", {"variant_kwargs": {"target_r": 4, "total_step": 1000}}, lambda s: _adalora(s)),
     Case("olora", {}, lambda s: _lora(s, init_lora_weights="olora")),
     Case("loftq", {}, _loftq),
+    Case("oft", {"variant_kwargs": {"block_size": 32}}, _oft),
+    Case("boft", {"variant_kwargs": {"block_size": 8}}, _boft),
 ]
 
 

@@ -25,6 +25,8 @@ VARIANTS = {
     "antipasto": dict(r=4, variant_kwargs={"block_size": 2}),
     "road": dict(variant_kwargs={"variant": "road_4", "group_size": 16}),
     "adalora": dict(r=4, alpha=8.0, variant_kwargs={"target_r": 2, "total_step": 10}),
+    "oft": dict(variant_kwargs={"block_size": 4}),
+    "boft": dict(variant_kwargs={"block_size": 4, "n_butterfly_factor": 2}),
 }
 ALL_ROLES = ("reader", "writer", "inner")
 _EPS = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-24}
@@ -37,14 +39,14 @@ def _rtol(variant: str, base: torch.dtype, adapter: torch.dtype) -> float | None
     (eps_base relative to |W|, i.e. up to the principal part's size), and the principal part computed in the
     adapter dtype adds eps_adapter; through 2 blocks that is a few eps_base of the logits' scale.
     hra's pairs cancel to a few eps of the adapter dtype, and the pre-hook hands x' = Q x back in x's dtype.
-    Pre-hook variants (hra, ia3_ff) also round x through the adapter dtype when it is narrower than the base's
+    Pre-hook variants (hra, ia3_ff, oft, boft) also round x through the adapter dtype when it is narrower than the base's
     (bf16 adapter on an fp16 base: eps_bf16).
     """
     eps = max(_EPS[base], _EPS[adapter])
     if variant in ("pissa", "antipasto"):
         return 16 * eps
     if variant == "hra" or (
-        variant in ("ia3", "ia3_ff") and _EPS[adapter] > _EPS[base]
+        variant in ("ia3", "ia3_ff", "oft", "boft") and _EPS[adapter] > _EPS[base]
     ):  # ia3 routes down_proj to ia3_ff
         return 16 * eps
     return None

@@ -1,6 +1,6 @@
 """The layout rules the library keeps so it stays readable in an evening (docs/architecture.md).
 
-- runtime.py at most 300 lines; every other module at most 350, except the command line (app/cli.py);
+- runtime.py at most 300 lines; every other module at most 350, except the command line and its demo (app/);
   each variant file at most 150 lines with a module docstring of at most 25 lines.
 - No import cycles between the package's modules (imports inside functions count too; `if TYPE_CHECKING:` ones do not).
 - Variants import the contract (variant.py, config.py and what it re-exports), never the runtime.
@@ -65,7 +65,7 @@ def test_module_sizes(path: Path) -> None:
         assert len(doc.splitlines()) <= 25, f"{rel}: docstring of {len(doc.splitlines())} lines (at most 25)"
     elif str(rel) == "runtime.py":
         assert lines <= 300, f"runtime.py: {lines} lines (at most 300)"
-    elif str(rel) != "app/cli.py":
+    elif rel.parts[0] != "app":  # the command line and its demo
         assert lines <= 350, f"{rel}: {lines} lines (at most 350)"
 
 

@@ -30,6 +30,8 @@ CFGS = {  # every registered variant (test_every_variant_has_a_case)
     "adalora": dict(r=4, alpha=8.0, variant_kwargs={"target_r": 2, "total_step": 10}),
     "olora": dict(r=4, alpha=8.0),
     "loftq": dict(r=4, alpha=4.0, variant_kwargs={"loftq_bits": 8}),
+    "oft": dict(variant_kwargs={"block_size": 4}),  # input rotation (pre-hook)
+    "boft": dict(variant_kwargs={"block_size": 4, "n_butterfly_factor": 2}),  # pre-hook and forward hook
 }
 
 

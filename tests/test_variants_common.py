@@ -39,6 +39,8 @@ CASES: dict[str, dict] = {
     # loftq is not the identity by design: W_res + s·B A = W minus the quantization error the rank-r correction
     # leaves. int8 (per-row absmax/127: <= 0.4% of each row's largest weight per entry): measured 0.29% of max|y|
     "loftq": dict(cfg=dict(r=4, alpha=8.0, variant_kwargs={"loftq_bits": 8, "loftq_iter": 2}), rtol=0.01, lr=1e-2),
+    "oft": dict(cfg=dict(variant_kwargs={"block_size": 4}), rtol=None, lr=5e-2),  # rotations only: lr 5e-2
+    "boft": dict(cfg=dict(variant_kwargs={"block_size": 4, "n_butterfly_factor": 2}), rtol=None, lr=1e-2),
 }
 
 

@@ -188,10 +188,9 @@ def _input_hook(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[
     x, seen = x0, {} if stack.outputs else None
     for a in reversed(stack.order):
         st = a._lora_lite
-        if st.variant.forward is not None:
-            if seen is not None:
-                seen[id(a)] = x
-        elif st.active and st.enabled:
+        if st.variant.forward is not None and seen is not None:
+            seen[id(a)] = x
+        if st.variant.forward_input is not None and st.active and st.enabled:  # (both: boft)
             st.ran = True
             dtype = guards.adapter_dtype(a, x)  # x is also the base path: an adapter dtype narrower than x rounds it
             xa = x if x.dtype == dtype else x.to(dtype)

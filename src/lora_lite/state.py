@@ -144,7 +144,7 @@ class AdapterStack(nn.ModuleDict):
         """Recompute the output-/input-side tuples after an adapter was added or removed."""
         adapters = self.order = tuple(self.values())
         self.outputs = tuple(a for a in adapters if a._lora_lite.variant.forward is not None)
-        self.inputs = tuple(a for a in adapters if a._lora_lite.variant.forward is None)
+        self.inputs = tuple(a for a in adapters if a._lora_lite.variant.forward_input is not None)
 
 
 @dataclass

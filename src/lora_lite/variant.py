@@ -68,7 +68,8 @@ class ParamSpec:
 class Variant:
     """Base class; subclasses are namespaces of static methods (never instantiated).
 
-    Required: `name`, `param_specs`, and one of `forward` (output side) or `forward_input` (input side).
+    Required: `name`, `param_specs`, and `forward` (output side) or `forward_input` (input side), or both: a
+    variant that defines both (boft: rotates the input, scales the output) runs in both hooks of a layer.
     Every other attribute below is optional, with the default shown.
     """
 
@@ -88,7 +89,8 @@ class Variant:
     # Data-driven init, once per model after every layer's `init`: group_init(model, targets, cfg,
     # calibration_data) with targets [(name, layer, role)]. `ll.load` skips it (the tensors come from the file).
     group_init: Callable[..., None] | None = None
-    # Output side: y' = forward(layer, x, y). None for input-side variants.
+    # Output side: y' = forward(layer, x, y). None for input-side variants. A variant with both hooks maps the
+    # input first, then the output the base layer gave for it (its x is the input before its own forward_input).
     forward: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None
     # Input side (a pre-hook): the base layer runs on forward_input(layer, x). None for output-side variants.
     forward_input: Callable[[nn.Module, Tensor], Tensor] | None = None
@@ -184,10 +186,8 @@ def register(cls: type) -> type:
         raise ValueError(f"{cls.__name__} needs a non-empty `name` to be registered")
     if not issubclass(cls, Variant):  # allow plain classes, as in the spec: give them the defaults
         cls = type(cls.__name__, (cls, Variant), {})
-    if (cls.forward is None) == (cls.forward_input is None):
-        raise ValueError(
-            f"variant {cls.name!r} must define exactly one of forward(layer, x, y) or forward_input(layer, x)"
-        )
+    if cls.forward is None and cls.forward_input is None:
+        raise ValueError(f"variant {cls.name!r} must define forward(layer, x, y) or forward_input(layer, x)")
     REGISTRY[cls.name] = cls
     return cls
 

@@ -38,6 +38,9 @@ this task by single-seed sweeps (32 pairs x 50 steps unless noted), held-out MRR
     (8 steps x 32 pairs): road 0.198, adalora 0.198, lora (1e-3) 0.197, from 0.190.
   - olora, loftq (LoRA on a rewritten weight; loftq's is the nf4-quantized residual): DEFAULT_LR 1e-3, lora's,
     since both train LoRA's A and B at LoRA's scale s: 0.209 each (lora 0.211), loftq from the quantized model.
+  - oft (block_size 32, peft's default; rotation angles start at 0) and boft (block_size 8, 2 butterfly
+    factors, + an output scale): DEFAULT_LR 1e-3, at 64 x 20: oft 0.214 (1e-2: 0.168), boft 0.212 (1e-2:
+    0.182). Rotations compound over 6 blocks, so a larger lr overshoots, unlike ia3's per-feature gates.
 `--lr` overrides the table for every variant.
 """
 
@@ -68,6 +71,8 @@ DEFAULT_LR = 1e-3
 VARIANT_KWARGS = {
     "delora": {"delora_lambda": 3.0},  # peft's 15 is sized for 4096-wide layers (docstring)
     "adalora": {"target_r": 4, "deltaT": 2},  # + the schedule's steps, from --steps (run_variant, docstring)
+    "oft": {"block_size": 32},  # peft's default oft_block_size (r=8 would mean 8 blocks of 48-192)
+    "boft": {"block_size": 8, "n_butterfly_factor": 2},
 }
 
 

@@ -3,6 +3,7 @@
 from . import (  # noqa: F401
     adalora,
     antipasto,
+    boft,
     delora,
     dora,
     eva,
@@ -12,6 +13,7 @@ from . import (  # noqa: F401
     lora,
     lora_conv,
     lora_embedding,
+    oft,
     olora,
     pissa,
     road,
