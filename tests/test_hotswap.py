@@ -13,7 +13,9 @@ from _models import Toy
 import lora_lite as ll
 
 TARGETS = (r"layers\.\d+\.(q|up|down)$",)
-VARIANTS = ["lora", "dora", "pissa", "eva", "delora", "hra", "ia3", "antipasto"]
+from test_variants_common import CASES as _CASES  # noqa: E402
+
+VARIANTS = sorted(_CASES)  # every registered variant
 CALIB = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
 
 

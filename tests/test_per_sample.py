@@ -11,7 +11,9 @@ import lora_lite as ll
 from lora_lite.state import STACK
 
 TARGETS = (r"layers\.\d+\.(q|up|down)$",)
-VARIANTS = ["lora", "dora", "pissa", "eva", "delora", "hra", "ia3", "ia3_ff", "antipasto"]
+from test_variants_common import CASES as _CASES  # noqa: E402
+
+VARIANTS = sorted(_CASES)  # every registered variant
 
 
 def _perturb(model, name, seed):
@@ -53,7 +55,7 @@ def _cfg(variant, **kw):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_mixed_batch_equals_rows_alone(variant):
     model = Toy()
-    rewrites = variant in ("pissa", "antipasto")  # alone on their layers: a on block 0, b on block 1
+    rewrites = ll.REGISTRY[variant].rewrites_weight  # alone on their layers: a on block 0, b on block 1
     calib = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     for i, n in enumerate("ab"):
         cfg = _cfg(variant, layers=(i,) if rewrites else None)

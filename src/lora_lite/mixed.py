@@ -152,7 +152,7 @@ def input_hook(layer: nn.Module, stack: AdapterStack, args: tuple, kwargs: dict[
             st = a._lora_lite
             if st.variant.forward is not None:
                 s[id(a)] = x
-            elif a in adapters and st.on:
+            if st.variant.forward_input is not None and a in adapters and st.on:  # (both hooks: boft)
                 st.ran = True
                 xa = _cast(a, x)
                 out = (
