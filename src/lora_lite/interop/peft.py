@@ -98,6 +98,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str | None = No
             f"{WEIGHTS_NAME}). Pass a directory path"
         )
     tensors = {_key(n, k): _cpu(t) for n, a in layers.items() for k, t in a._lora_lite.variant.peft_tensors(a).items()}
+    if variant.peft_shared_tensors is not None:  # model-level tensors (vera's projections): "base_model.<key>"
+        tensors.update({f"base_model.{k}": _cpu(t) for k, t in variant.peft_shared_tensors(layers).items()})
     base = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None)
     config = {
         "peft_type": variant.peft_type,
@@ -225,9 +227,10 @@ def _variant_plan(variant):
     def plan_(pc: dict, tensors: dict, path: Path, dtype) -> tuple[LoraLiteConfig, dict[str, dict[str, Any]]]:
         bare = {}
         for key, t in tensors.items():
-            if not key.startswith(PREFIX):
+            if not key.startswith("base_model."):
                 raise LoadError(f"{str(path)!r}: tensor {key!r} does not start with {PREFIX!r}")
-            bare[key[len(PREFIX) :]] = t
+            # per layer: "base_model.model.<module>.<tensor>"; model-level (vera_A): "base_model.<tensor>"
+            bare[key.removeprefix(PREFIX) if key.startswith(PREFIX) else key.removeprefix("base_model.")] = t
         try:
             fields, per = variant.peft_import(pc, bare)
         except ValueError as e:
@@ -316,6 +319,13 @@ def import_peft(
     except ValueError as e:
         raise LoadError(f"{str(path)!r} does not fit this model: {e}") from None
     for t in targets:  # every check before the model is touched
+        unknown = [p for p in per[t.name] if p not in t.specs]
+        missing = [p for p, s in t.specs.items() if p not in per[t.name] and not s.buffer]  # buffers: re-derived
+        if unknown or missing:
+            raise LoadError(
+                f"{str(path)!r} does not fit this model: {t.name} has tensors {sorted(per[t.name])} in the file, "
+                f"this model's {cfg.variant} needs {sorted(t.specs)}"
+            )
         for p, v in per[t.name].items():
             if tuple(v.shape) != tuple(t.specs[p].shape):
                 raise LoadError(
