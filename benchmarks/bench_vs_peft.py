@@ -164,6 +164,24 @@ def _ia3(size: Size, ff: tuple[str, ...] = ()):
     return IA3Config(target_modules=list(PROJ), feedforward_modules=list(ff))
 
 
+def _loha(size: Size):
+    from peft import LoHaConfig
+
+    return LoHaConfig(r=size.r, alpha=size.alpha, target_modules=list(PROJ))
+
+
+def _lokr(size: Size):
+    from peft import LoKrConfig
+
+    return LoKrConfig(r=size.r, alpha=size.alpha, target_modules=list(PROJ))
+
+
+def _vera(size: Size):
+    from peft import VeraConfig
+
+    return VeraConfig(r=size.r, target_modules=list(PROJ))
+
+
 CASES: list[Case] = [
     Case("lora", {}, _lora),
     Case("rslora", {"variant": "lora", "variant_kwargs": {"use_rslora": True}}, lambda s: _lora(s, use_rslora=True)),
@@ -186,6 +204,9 @@ CASES: list[Case] = [
     Case("hra", {}, _hra),
     Case("eva", {}, _eva, calib=True),
     Case("antipasto", {}, None),
+    Case("loha", {}, _loha),
+    Case("lokr", {}, _lokr),
+    Case("vera", {}, _vera),
 ]
 
 

@@ -23,6 +23,9 @@ VARIANTS = {
     "eva": dict(r=4, alpha=8.0, variant_kwargs={"show_progress_bar": False}),
     "pissa": dict(r=4, alpha=8.0),
     "antipasto": dict(r=4, variant_kwargs={"block_size": 2}),
+    "loha": dict(r=4, alpha=8.0),
+    "lokr": dict(r=2, alpha=4.0),
+    "vera": dict(r=4),
 }
 ALL_ROLES = ("reader", "writer", "inner")
 _EPS = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-24}

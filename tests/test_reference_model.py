@@ -26,6 +26,9 @@ CFGS = {  # every registered variant (test_every_variant_has_a_case)
     "ia3": dict(variant_kwargs={"feedforward_roles": ["writer"]}),  # output gates + input gates (pre-hook)
     "ia3_ff": dict(),
     "eva": dict(r=4, alpha=8.0, variant_kwargs={"show_progress_bar": False}),
+    "loha": dict(r=4, alpha=8.0),
+    "lokr": dict(r=2, alpha=4.0),
+    "vera": dict(r=4),
 }
 
 

@@ -31,6 +31,9 @@ CASES: dict[str, dict] = {
     "ia3": dict(cfg=dict(variant_kwargs={"feedforward_roles": ["writer"]}), rtol=None, lr=1e-1),
     "ia3_ff": dict(cfg=dict(), rtol=None, lr=1e-1),
     "eva": dict(cfg=dict(r=4, alpha=8.0), rtol=None, lr=1e-2, calib=lambda model, kind: _eva_calib(kind)),
+    "loha": dict(cfg=dict(r=4, alpha=8.0), rtol=None, lr=1e-2),
+    "lokr": dict(cfg=dict(r=2, alpha=4.0), rtol=None, lr=1e-2),
+    "vera": dict(cfg=dict(r=4), rtol=None, lr=1e-1),  # only r + d_out trainable numbers per layer: lr 1e-1
 }
 
 

@@ -28,63 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, LoraLiteConfig
+from ..config import LoraLiteConfig
 from ..variant import ParamSpec, Variant, add_lowrank, register, writable
-from .lora import nonzero_alpha
+from ._lycoris import check_lycoris, lycoris_config, lycoris_drop, lycoris_import
 
 _NAMES = {"lora_w1_a": "hada_w1_a", "lora_w1_b": "hada_w1_b", "lora_w2_a": "hada_w2_a", "lora_w2_b": "hada_w2_b"}
-# peft Lycoris options lora-lite has no equivalent for: import refuses any that is set
-LYCORIS_UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
-
-
-def check_lycoris(cfg: LoraLiteConfig, flags: tuple[str, ...] = ()) -> None:
-    """Shared by loha and lokr: no input dropout, rank/module dropout probabilities in [0, 1), boolean flags."""
-    nonzero_alpha(cfg)
-    if cfg.dropout != 0.0:
-        raise ConfigError(
-            f"{cfg.variant}: has no adapter-input dropout (nor has peft's {cfg.variant}); set dropout=0.0 and use "
-            f"variant_kwargs rank_dropout / module_dropout instead (got dropout={cfg.dropout})"
-        )
-    kw = cfg.variant_kwargs
-    for k in ("rank_dropout", "module_dropout"):
-        p = kw.get(k, 0.0)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ConfigError(f"{cfg.variant}: variant_kwargs[{k!r}] must be a probability in [0, 1), got {p!r}")
-    for k in ("use_effective_conv2d", *flags):
-        if not isinstance(kw.get(k, False), bool):
-            raise ConfigError(f"{cfg.variant}: variant_kwargs[{k!r}] must be True or False, got {kw[k]!r}")
-
-
-def lycoris_drop(layer: nn.Module, d_out: int, device: torch.device, rescale: bool) -> tuple[bool, torch.Tensor | None]:
-    """(skip the update, per-output-row mask or None), in training mode only.
-
-    Draws `torch.rand(1)` then `torch.rand(d_out)` from the default CPU generator, in peft's order, whenever
-    either dropout is on: the same seed drops the same modules and rows as peft.
-    """
-    kw = layer._lora_lite.cfg.variant_kwargs
-    pm, pr = kw.get("module_dropout", 0.0), kw.get("rank_dropout", 0.0)
-    if not layer.training or not (pm or pr):
-        return False, None
-    if not bool(torch.rand(1) > pm):
-        return True, None
-    if not pr:
-        return False, None
-    mask = (torch.rand(d_out) > pr).float()
-    if rescale:
-        mask = mask / mask.mean().clamp_min(1e-12)  # (all rows dropped: an all-zero mask, not 0/0)
-    return False, mask.to(device)
-
-
-def lycoris_import(pc: dict, kind: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The LoraLiteConfig fields of a peft LoHa/LoKr adapter_config.json; ValueError naming an unsupported option."""
-    bad = [k for k in LYCORIS_UNSUPPORTED if pc.get(k)]
-    if bad:
-        raise ValueError(
-            f"peft {kind} option(s) {bad} = {[pc[k] for k in bad]} have no lora-lite equivalent (one rank and "
-            "alpha for every layer, only the adapter tensors trained); cannot import"
-        )
-    kw = {k: pc[k] for k in ("rank_dropout", "module_dropout", "use_effective_conv2d", *extra) if k in pc}
-    return dict(variant=kind.lower(), r=int(pc["r"]), alpha=float(pc["alpha"]), variant_kwargs=kw)
 
 
 def _factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,17 +98,7 @@ class LoHa(Variant):
 
     @staticmethod
     def peft_config(cfg: LoraLiteConfig, layers: dict[str, nn.Module]) -> dict[str, Any]:
-        kw = cfg.variant_kwargs
-        return {
-            "r": cfg.r,
-            "alpha": cfg.alpha,
-            "rank_dropout": kw.get("rank_dropout", 0.0),
-            "module_dropout": kw.get("module_dropout", 0.0),
-            "use_effective_conv2d": kw.get("use_effective_conv2d", False),
-            "init_weights": True,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-        }
+        return lycoris_config(cfg)
 
     @staticmethod
     def peft_import(pc: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict]]:

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import ConfigError, LoraLiteConfig
 from ..variant import ParamSpec, Variant, register
-from .loha import check_lycoris, lycoris_drop, lycoris_import
+from ._lycoris import check_lycoris, lycoris_config, lycoris_drop, lycoris_import
 
 _TENSORS = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")  # lora_<name> here, lokr_<name> in peft
 
@@ -124,20 +124,7 @@ class LoKr(Variant):
 
     @staticmethod
     def peft_config(cfg: LoraLiteConfig, layers: dict[str, nn.Module]) -> dict[str, Any]:
-        kw = cfg.variant_kwargs
-        return {
-            "r": cfg.r,
-            "alpha": cfg.alpha,
-            "rank_dropout": kw.get("rank_dropout", 0.0),
-            "module_dropout": kw.get("module_dropout", 0.0),
-            "use_effective_conv2d": kw.get("use_effective_conv2d", False),
-            "decompose_both": kw.get("decompose_both", False),
-            "decompose_factor": kw.get("decompose_factor", -1),
-            "rank_dropout_scale": kw.get("rank_dropout_scale", False),
-            "init_weights": True,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-        }
+        return lycoris_config(cfg, decompose_both=False, decompose_factor=-1, rank_dropout_scale=False)
 
     @staticmethod
     def peft_import(pc: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict]]:

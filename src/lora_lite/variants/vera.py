@@ -77,9 +77,7 @@ class VeRA(Variant):
                 f"gradient zero forever), got {d0!r}"
             )
         if not isinstance(kw.get("save_projection", True), bool):
-            raise ConfigError(
-                f"vera: variant_kwargs['save_projection'] must be True or False, got {kw['save_projection']!r}"
-            )
+            raise ConfigError(f"vera: variant_kwargs['save_projection'] must be a bool, got {kw['save_projection']!r}")
 
     @staticmethod
     def param_specs(d_in: int, d_out: int, cfg: LoraLiteConfig) -> dict[str, ParamSpec]:
@@ -120,25 +118,16 @@ class VeRA(Variant):
 
     @staticmethod
     def peft_config(cfg: LoraLiteConfig, layers: dict[str, nn.Module]) -> dict[str, Any]:
-        kw = cfg.variant_kwargs
-        return {
-            "r": cfg.r,
-            "projection_prng_key": kw.get("projection_prng_key", 0),
-            "save_projection": kw.get("save_projection", True),
-            "vera_dropout": cfg.dropout,
-            "d_initial": kw.get("d_initial", 0.1),
-            "bias": "none",
-            "init_weights": True,
-        }
+        kw = {"projection_prng_key": 0, "save_projection": True, "d_initial": 0.1, **cfg.variant_kwargs}
+        return {"r": cfg.r, "vera_dropout": cfg.dropout, "bias": "none", "init_weights": True, **kw}
 
     @staticmethod
     def peft_import(pc: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict]]:
         bad = [k for k in _UNSUPPORTED if pc.get(k)] + (["bias"] if pc.get("bias", "none") != "none" else [])
         if bad:
             raise ValueError(f"peft VeRA option(s) {bad} = {[pc[k] for k in bad]} have no lora-lite equivalent")
-        r, key = int(pc["r"]), int(pc.get("projection_prng_key", 0))
-        kw = {"projection_prng_key": key, "d_initial": float(pc.get("d_initial", 0.1))}
-        kw["save_projection"] = bool(pc.get("save_projection", True))
+        r, key, save = int(pc["r"]), int(pc.get("projection_prng_key", 0)), bool(pc.get("save_projection", True))
+        kw = {"projection_prng_key": key, "d_initial": float(pc.get("d_initial", 0.1)), "save_projection": save}
         fields = dict(variant="vera", r=r, dropout=float(pc.get("vera_dropout", 0.0)), variant_kwargs=kw)
         shared = {k: tensors.pop(k) for k in ("vera_A", "vera_B") if k in tensors}
         if len(shared) == 2:  # saved projections: ours are re-derived from the key, so they must be the same
