@@ -102,7 +102,7 @@ class LoHa(Variant):
 
     @staticmethod
     def peft_import(pc: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict]]:
-        fields, per = lycoris_import(pc, "LOHA"), {}
+        per: dict[str, dict] = {}
         theirs = {v: k for k, v in _NAMES.items()}
         for key, t in tensors.items():
             module, _, tname = key.rpartition(".")
@@ -113,4 +113,4 @@ class LoHa(Variant):
             missing = sorted(_NAMES[n] for n in _NAMES if n not in ts)
             if missing:
                 raise ValueError(f"{module}: tensors {missing} are missing")
-        return fields, per
+        return lycoris_import(pc, "LOHA"), per  # (tensors checked first: a file of another method says so)

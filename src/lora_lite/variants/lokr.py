@@ -128,7 +128,6 @@ class LoKr(Variant):
 
     @staticmethod
     def peft_import(pc: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict]]:
-        fields = lycoris_import(pc, "LOKR", ("decompose_both", "decompose_factor", "rank_dropout_scale"))
         per: dict[str, dict] = {}
         for key, t in tensors.items():
             module, _, tname = key.rpartition(".")
@@ -139,4 +138,4 @@ class LoKr(Variant):
             for i in (1, 2):
                 if (f"lora_w{i}" in ts) == (f"lora_w{i}_a" in ts or f"lora_w{i}_b" in ts):
                     raise ValueError(f"{module}: expected either lokr_w{i} or lokr_w{i}_a + lokr_w{i}_b")
-        return fields, per
+        return lycoris_import(pc, "LOKR", ("decompose_both", "decompose_factor", "rank_dropout_scale")), per
