@@ -55,6 +55,7 @@ class LoHa(Variant):
     name = "loha"
     kwargs = ("rank_dropout", "module_dropout", "use_effective_conv2d")
     peft_type = "LOHA"
+    b_tensors = ()  # peft's LoRA+ B group takes "lora_B" names and 1-D tensors: LoHa has neither
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:

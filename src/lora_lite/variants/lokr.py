@@ -82,6 +82,7 @@ class LoKr(Variant):
     kwargs = ("rank_dropout", "module_dropout", "use_effective_conv2d", "decompose_both", "decompose_factor",
               "rank_dropout_scale")  # fmt: skip
     peft_type = "LOKR"
+    b_tensors = ()  # peft's LoRA+ B group takes "lora_B" names and 1-D tensors: LoKr has neither
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:
