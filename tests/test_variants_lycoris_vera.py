@@ -91,8 +91,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-@pytest.mark.parametrize("case", CASES, ids=[c.label.replace(" ", "_") for c in CASES])
+SECONDARY = {"loha r=2 (rank-r² form everywhere)", "lokr r=8 (W1, W2 full)", "vera key 7, d_initial 0.5"}
+PARITY = [  # the secondary option cases run on GPT-2 only with -m slow (the file stays fast)
+    pytest.param(
+        c, k, id=f"{c.label}-{k}".replace(" ", "_"), marks=[pytest.mark.slow] * (c.label in SECONDARY and k == "gpt2")
+    )
+    for c in CASES
+    for k in ("llama", "gpt2")
+]
+
+
+@pytest.mark.parametrize("case, kind", PARITY)
 def test_parity_with_peft(case: Case, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     tpp.test_parity_with_peft(case, kind, monkeypatch)
 
