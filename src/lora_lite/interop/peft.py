@@ -1,7 +1,7 @@
 """Export to and import from peft's on-disk adapter format (`adapter_config.json` + `adapter_model.safetensors`).
 
 export_peft: lora (also rslora), eva and pissa as peft LoRA, dora as LoRA with use_dora, ia3 (ia3_ff
-layers as `feedforward_modules`) as IA3, so `peft.PeftModel.from_pretrained(base, dir)` on the
+layers as `feedforward_modules`) as IA3, loha / lokr / vera as LOHA / LOKR / VERA, so `peft.PeftModel.from_pretrained(base, dir)` on the
 unmodified base reproduces the adapted model. Tensor keys are `base_model.model.<module name>.<tensor>`
 (peft 0.21.2 `get_peft_model_state_dict`): lora_A.weight (r, d_in), lora_B.weight (d_out, r),
 lora_magnitude_vector (d_out,), ia3_l ((d_out, 1), or (1, d_in) for feed-forward layers).
@@ -73,7 +73,7 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 def export_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
     """Write adapter `name` (may be left out when one is attached) as a peft adapter directory; return it.
 
-    Supported: every variant with a `peft_type` (lora incl. rslora, eva, pissa as LoRA, dora, ia3 / ia3_ff).
+    Supported: every variant with a `peft_type` (lora incl. rslora, eva, pissa as LoRA, dora, ia3 / ia3_ff, loha, lokr, vera).
     Other variants raise AdapterError.
     """
     from safetensors.torch import save_file
