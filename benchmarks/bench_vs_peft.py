@@ -213,6 +213,24 @@ def _boft(size: Size):
     return BOFTConfig(boft_block_size=8, target_modules=list(PROJ))  # factor 1: peft's only one on CPU
 
 
+def _loha(size: Size):
+    from peft import LoHaConfig
+
+    return LoHaConfig(r=size.r, alpha=size.alpha, target_modules=list(PROJ))
+
+
+def _lokr(size: Size):
+    from peft import LoKrConfig
+
+    return LoKrConfig(r=size.r, alpha=size.alpha, target_modules=list(PROJ))
+
+
+def _vera(size: Size):
+    from peft import VeraConfig
+
+    return VeraConfig(r=size.r, target_modules=list(PROJ))
+
+
 CASES: list[Case] = [
     Case("lora", {}, _lora),
     Case("rslora", {"variant": "lora", "variant_kwargs": {"use_rslora": True}}, lambda s: _lora(s, use_rslora=True)),
@@ -244,6 +262,9 @@ CASES: list[Case] = [
     Case("loftq", {}, _loftq),
     Case("oft", {"variant_kwargs": {"block_size": 32}}, _oft),
     Case("boft", {"variant_kwargs": {"block_size": 8}}, _boft),
+    Case("loha", {}, _loha),
+    Case("lokr", {}, _lokr),
+    Case("vera", {}, _vera),
 ]
 
 

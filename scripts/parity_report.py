@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "docs" / "peft-parity.md"  # the page that holds the parity table
 TEST = "tests/test_parity_peft.py"
+MORE_TESTS = ("tests/test_variants_lycoris_vera.py",)  # loha, lokr, vera: the same harness, their own file
 START, END = "<!-- parity:start -->", "<!-- parity:end -->"
 
 MODEL_LABEL = {
@@ -38,7 +39,7 @@ NO_PEFT = [("antipasto", "no peft counterpart — see tests/test_variants_svd.py
 def run_tests(out: Path, fast: bool) -> int:
     env = dict(os.environ, LORA_LITE_PARITY_JSON=str(out), HF_HUB_OFFLINE="1")
     marks = "not slow" if fast else "slow or not slow"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marks, TEST]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marks, TEST, *MORE_TESTS]
     print("$", " ".join(cmd), file=sys.stderr)
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 

@@ -27,6 +27,9 @@ VARIANTS = {
     "adalora": dict(r=4, alpha=8.0, variant_kwargs={"target_r": 2, "total_step": 10}),
     "oft": dict(variant_kwargs={"block_size": 4}),
     "boft": dict(variant_kwargs={"block_size": 4, "n_butterfly_factor": 2}),
+    "loha": dict(r=4, alpha=8.0),
+    "lokr": dict(r=2, alpha=4.0),
+    "vera": dict(r=4),
 }
 ALL_ROLES = ("reader", "writer", "inner")
 _EPS = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-24}

@@ -32,6 +32,9 @@ CFGS = {  # every registered variant (test_every_variant_has_a_case)
     "loftq": dict(r=4, alpha=4.0, variant_kwargs={"loftq_bits": 8}),
     "oft": dict(variant_kwargs={"block_size": 4}),  # input rotation (pre-hook)
     "boft": dict(variant_kwargs={"block_size": 4, "n_butterfly_factor": 2}),  # pre-hook and forward hook
+    "loha": dict(r=4, alpha=8.0),
+    "lokr": dict(r=2, alpha=4.0),
+    "vera": dict(r=4),
 }
 
 

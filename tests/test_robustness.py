@@ -42,7 +42,7 @@ SETTINGS = settings(
 # m / ||W||_row = 1 computed in floating point. Bound: max|y' - y| <= BOUND * eps(dtype) * scale, with
 # scale = max|y| + max|x| * max|W| * sqrt(d_in) (the size of the terms that cancel), dtype the
 # narrower of the adapter dtype and the fp32 base.
-EXACT = {"lora", "delora", "eva", "ia3", "ia3_ff", "road", "adalora"}
+EXACT = {"lora", "delora", "eva", "ia3", "ia3_ff", "road", "adalora", "loha", "lokr", "vera"}
 BOUND = 64
 
 

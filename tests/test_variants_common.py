@@ -41,6 +41,9 @@ CASES: dict[str, dict] = {
     "loftq": dict(cfg=dict(r=4, alpha=8.0, variant_kwargs={"loftq_bits": 8, "loftq_iter": 2}), rtol=0.01, lr=1e-2),
     "oft": dict(cfg=dict(variant_kwargs={"block_size": 4}), rtol=None, lr=5e-2),  # rotations only: lr 5e-2
     "boft": dict(cfg=dict(variant_kwargs={"block_size": 4, "n_butterfly_factor": 2}), rtol=None, lr=1e-2),
+    "loha": dict(cfg=dict(r=4, alpha=8.0), rtol=None, lr=1e-2),
+    "lokr": dict(cfg=dict(r=2, alpha=4.0), rtol=None, lr=1e-2),
+    "vera": dict(cfg=dict(r=4), rtol=None, lr=1e-1),  # only r + d_out trainable numbers per layer: lr 1e-1
 }
 
 

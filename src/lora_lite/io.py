@@ -212,12 +212,16 @@ def attach_with_tensors(
     model: nn.Module, cfg: LoraLiteConfig, name: str, tensors: dict[str, torch.Tensor], keep_original: bool
 ) -> list[str]:
     """Attach `cfg` as `name` without group init, then copy in `tensors` ("<layer>.<tensor>", already checked
-    against the plan). The shared tail of `load` and `import_peft`; a failure detaches again."""
-    names = attach(model, cfg, name=name, _skip_group_init=True)
+    against the plan). The shared tail of `load` and `import_peft`; a failure detaches again. Tensors left
+    out (an import_peft of buffers the variant re-derives, e.g. vera's projections) keep what attach gave
+    them, group init included."""
+    complete = set(expected(plan(model, cfg, name), cfg)) <= set(tensors)
+    names = attach(model, cfg, name=name, _skip_group_init=complete)
     try:
         with torch.no_grad():
             for k, v in adapter_state_dict(model, name).items():
-                v.copy_(tensors[k])
+                if k in tensors:
+                    v.copy_(tensors[k])
     except BaseException:
         detach(model, name)
         raise

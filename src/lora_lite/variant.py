@@ -121,10 +121,15 @@ class Variant:
     regularizer: Callable[[dict[str, nn.Module], LoraLiteConfig], Tensor] | None = None
     # ll.export_peft: the peft adapter type this variant exports as ("LORA", "IA3"), or None (not exportable).
     peft_type: str | None = None
+    # ll.export_peft: tensors peft saves once per model rather than per layer (vera's shared projections),
+    # peft_shared_tensors(layers {module name: layer}) -> {key after "base_model.": tensor}. None: none.
+    peft_shared_tensors: Callable[[dict[str, nn.Module]], dict[str, Tensor]] | None = None
     # ll.import_peft for a peft_type other than "LORA" / "IA3" (those two are read by interop/peft.py):
     # peft_import(pc, tensors) -> (config fields, {module name: {our tensor name: tensor}}), with pc the
-    # adapter_config.json dict and tensors keyed "<module name>.<peft tensor name>" (peft's prefix removed).
-    # The runtime adds dtype, target_names (exactly those modules) and exclude_names; it checks the shapes.
+    # adapter_config.json dict and tensors keyed "<module name>.<peft tensor name>" (peft's prefix removed; a
+    # model-level tensor "base_model.<key>", e.g. vera_A, keyed "<key>"). The runtime adds dtype, target_names
+    # (exactly those modules) and exclude_names; it checks the shapes. Buffers may be left out: attach
+    # initialises them (group_init included), e.g. vera's projections re-derived from their seed.
     # Raise ValueError naming the option for a peft option the variant does not support. None: not importable.
     peft_import: Callable[[dict, dict[str, Tensor]], tuple[dict[str, Any], dict[str, dict[str, Tensor]]]] | None = None
 

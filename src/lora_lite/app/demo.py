@@ -41,6 +41,12 @@ this task by single-seed sweeps (32 pairs x 50 steps unless noted), held-out MRR
   - oft (block_size 32, peft's default; rotation angles start at 0) and boft (block_size 8, 2 butterfly
     factors, + an output scale): DEFAULT_LR 1e-3, at 64 x 20: oft 0.214 (1e-2: 0.168), boft 0.212 (1e-2:
     0.182). Rotations compound over 6 blocks, so a larger lr overshoots, unlike ia3's per-feature gates.
+  - loha: 1e-2. Its update is the Hadamard product of two rank-r products, one starting at 0, so it grows
+    as the product of two small factors: at 1e-3 it hardly moved (0.191), at 1e-2 0.203 (64 x 20).
+  - lokr: 1e-2 (28k trainable numbers; W1 starts at 0 and ΔW = W1 ⊗ W2): 0.201 at 3e-3, 0.209 at 1e-2
+    (64 x 20).
+  - vera: 3e-2 (r + d_out trainable numbers per layer, the scales λ_b, λ_d of fixed random projections;
+    0.202 at 64 x 20).
 `--lr` overrides the table for every variant.
 """
 
@@ -67,6 +73,7 @@ TARGET_ROLES = ("reader", "writer", "inner")  # every linear layer of the 6 bloc
 EXCLUDE = ("pooler",)  # ... but not BERT's pooler, which mean pooling never uses
 LR = {"ia3": 3e-2, "ia3_ff": 3e-2, "antipasto": 3e-2, "delora": 3e-3}  # see the docstring; others: DEFAULT_LR
 LR.update({"road": 1e-2, "adalora": 1e-2})  # not swept: see the docstring
+LR.update({"loha": 1e-2, "lokr": 1e-2, "vera": 3e-2})
 DEFAULT_LR = 1e-3
 VARIANT_KWARGS = {
     "delora": {"delora_lambda": 3.0},  # peft's 15 is sized for 4096-wide layers (docstring)

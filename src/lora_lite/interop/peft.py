@@ -2,7 +2,8 @@
 
 export_peft: lora (also rslora), eva, pissa and olora as peft LoRA, loftq as peft LoRA with
 init_lora_weights="loftq" (peft re-runs its LoftQ init on load), dora as LoRA with use_dora, ia3 (ia3_ff
-layers as `feedforward_modules`) as IA3, so `peft.PeftModel.from_pretrained(base, dir)` on the
+layers as `feedforward_modules`) as IA3, loha / lokr / vera as LOHA / LOKR / VERA, so
+`peft.PeftModel.from_pretrained(base, dir)` on the
 unmodified base reproduces the adapted model. Tensor keys are `base_model.model.<module name>.<tensor>`
 (peft 0.21.2 `get_peft_model_state_dict`): lora_A.weight (r, d_in), lora_B.weight (d_out, r),
 lora_magnitude_vector (d_out,), ia3_l ((d_out, 1), or (1, d_in) for feed-forward layers); on an nn.Embedding
@@ -77,7 +78,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str | None = No
     """Write adapter `name` (may be left out when one is attached) as a peft adapter directory; return it.
 
     Supported: every variant with a `peft_type` (lora incl. rslora, eva, pissa and olora as LoRA,
-    loftq as LoftQ, dora, ia3 / ia3_ff).
+    loftq as LoftQ, dora, ia3 / ia3_ff, loha, lokr, vera, oft, boft, road, adalora).
     Other variants raise AdapterError.
     """
     from safetensors.torch import save_file
@@ -111,6 +112,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str | None = No
     mts = model_state(model).adapters[name].saved
     sd = adapter_state_dict(model, name)
     tensors.update({_key(m, k): _cpu(sd[f"{m}.{k}"]) for m, sm in mts.items() for k in sm.tensors})
+    if variant.peft_shared_tensors is not None:  # model-level tensors (vera's projections): "base_model.<key>"
+        tensors.update({f"base_model.{k}": _cpu(t) for k, t in variant.peft_shared_tensors(layers).items()})
     base = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None)
     config = {
         "peft_type": variant.peft_type,
@@ -347,9 +350,10 @@ def _variant_plan(variant):
     def plan_(pc: dict, tensors: dict, path: Path, dtype) -> tuple[LoraLiteConfig, dict[str, dict[str, Any]]]:
         bare = {}
         for key, t in tensors.items():
-            if not key.startswith(PREFIX):
+            if not key.startswith("base_model."):
                 raise LoadError(f"{str(path)!r}: tensor {key!r} does not start with {PREFIX!r}")
-            bare[key[len(PREFIX) :]] = t
+            # per layer: "base_model.model.<module>.<tensor>"; model-level (vera_A): "base_model.<tensor>"
+            bare[key.removeprefix(PREFIX) if key.startswith(PREFIX) else key.removeprefix("base_model.")] = t
         try:
             fields, per = variant.peft_import(pc, bare)
         except ValueError as e:
@@ -460,6 +464,13 @@ def import_peft(
             raise LoadError(
                 f"{str(path)!r}: {t.name}: dilation={t.layer.dilation}: peft 0.21.2's lora_A ignores the layer's "
                 "dilation, lora-lite's uses it; cannot import"
+            )
+        unknown = [p for p in per[t.name] if p not in t.specs]
+        missing = [p for p, s in t.specs.items() if p not in per[t.name] and not s.buffer]  # buffers: re-derived
+        if unknown or missing:
+            raise LoadError(
+                f"{str(path)!r} does not fit this model: {t.name} has tensors {sorted(per[t.name])} in the file, "
+                f"this model's {cfg.variant} needs {sorted(t.specs)}"
             )
         for p, v in per[t.name].items():
             if v.dim() > len(t.specs[p].shape) and v.numel() == math.prod(t.specs[p].shape):

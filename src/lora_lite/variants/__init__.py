@@ -10,6 +10,8 @@ from . import (  # noqa: F401
     hra,
     ia3,
     loftq,
+    loha,
+    lokr,
     lora,
     lora_conv,
     lora_embedding,
@@ -17,4 +19,5 @@ from . import (  # noqa: F401
     olora,
     pissa,
     road,
+    vera,
 )
