@@ -48,7 +48,10 @@ def plan(model: nn.Module, cfg: LoraLiteConfig, adapter: str = "default") -> lis
         guards.check_stacking(name, layer, variant, adapter)
         d_in, d_out = dims(layer)
         try:
-            specs = variant.param_specs(d_in, d_out, lcfg)
+            if variant.layer_specs is None:
+                specs = variant.param_specs(d_in, d_out, lcfg)
+            else:
+                specs = variant.layer_specs(layer, lcfg)
         except ConfigError as e:  # shape-dependent refusals: say which layer
             raise ConfigError(f"{name} ({d_in}->{d_out}): {e}") from None
         guards.check_no_clash(name, layer, specs)

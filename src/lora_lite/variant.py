@@ -110,6 +110,10 @@ class Variant:
     # (nn.Embedding), "conv" (nn.Conv1d/2d/3d). A target of another kind is refused at attach, naming the variants
     # that can adapt it.
     kinds: tuple[str, ...] = ("linear",)
+    # param_specs of a form whose tensor shapes depend on more of the layer than (d_in, d_out) (loha / lokr on a
+    # convolution: kernel, channels, groups): layer_specs(layer, cfg), with layer the target module. None: the
+    # runtime calls param_specs(d_in, d_out, cfg).
+    layer_specs: Callable[[nn.Module, LoraLiteConfig], dict[str, ParamSpec]] | None = None
     # ll.param_groups(..., loraplus_lr_ratio=k): the names of this variant's "B-type" tensors (LoRA+ trains them at
     # k·lr; lora: ("lora_B",)). Empty: every tensor at lr.
     b_tensors: tuple[str, ...] = ()

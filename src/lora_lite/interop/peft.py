@@ -261,7 +261,7 @@ def import_peft(
     except ValueError as e:
         raise LoadError(f"{str(path)!r} does not fit this model: {e}") from None
     for t in targets:  # every check before the model is touched
-        if kind_of(t.layer) == "conv" and any(d != 1 for d in t.layer.dilation):
+        if kind_of(t.layer) == "conv" and cfg.variant in ("lora", "dora") and any(d != 1 for d in t.layer.dilation):
             raise LoadError(
                 f"{str(path)!r}: {t.name}: dilation={t.layer.dilation}: peft 0.21.2's lora_A ignores the layer's "
                 "dilation, lora-lite's uses it; cannot import"

@@ -15,6 +15,7 @@ from . import (  # noqa: F401
     lora,
     lora_conv,
     lora_embedding,
+    lycoris_conv,
     oft,
     olora,
     pissa,

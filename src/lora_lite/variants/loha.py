@@ -11,7 +11,7 @@ Init (peft's `reset_adapter_parameters`): W1a, W1b, W2a kaiming-uniform(a=√5),
 W2b = 0 makes W2a W2b = 0, so ΔW = 0 and y' == y bit for bit. Step 1: only W2b gets a gradient.
 Training options (variant_kwargs, as peft): rank_dropout p zeroes each output row of ΔW with prob. p and
 rescales by the kept fraction; module_dropout p skips the whole update with prob. p (training only).
-`use_effective_conv2d` is accepted and concerns conv layers only. No input dropout (cfg.dropout must be 0).
+`use_effective_conv2d`: convolutions only (lycoris_conv.py). No input dropout (cfg.dropout must be 0).
 
 Merge (`ll.merge`): W_eff = W + ΔW, bias unchanged.
 Steering (`ll.scaled(model, c)`): y + c·x ΔWᵀ (c = 0: the base model, c = 1: the adapter).
@@ -31,6 +31,7 @@ from torch import nn
 from ..config import LoraLiteConfig
 from ..variant import ParamSpec, Variant, add_lowrank, register, writable
 from ._lycoris import check_lycoris, lycoris_config, lycoris_drop, lycoris_import
+from .lora import routed
 
 _NAMES = {"lora_w1_a": "hada_w1_a", "lora_w1_b": "hada_w1_b", "lora_w2_a": "hada_w2_a", "lora_w2_b": "hada_w2_b"}
 
@@ -56,6 +57,8 @@ class LoHa(Variant):
     kwargs = ("rank_dropout", "module_dropout", "use_effective_conv2d")
     peft_type = "LOHA"
     b_tensors = ()  # peft's LoRA+ B group takes "lora_B" names and 1-D tensors: LoHa has neither
+    kinds = ("linear", "conv")  # convolutions: lycoris_conv.py
+    route = classmethod(routed)
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:
@@ -104,11 +107,11 @@ class LoHa(Variant):
     @staticmethod
     def peft_import(pc: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, dict]]:
         per: dict[str, dict] = {}
-        theirs = {v: k for k, v in _NAMES.items()}
+        theirs = {v: k for k, v in {**_NAMES, "lora_t1": "hada_t1", "lora_t2": "hada_t2"}.items()}
         for key, t in tensors.items():
             module, _, tname = key.rpartition(".")
             if tname not in theirs:
-                raise ValueError(f"tensor {key!r} is not a peft LoHa linear-layer tensor (expected {sorted(theirs)})")
+                raise ValueError(f"tensor {key!r} is not a peft LoHa tensor (expected {sorted(theirs)})")
             per.setdefault(module, {})[theirs[tname]] = t
         for module, ts in per.items():
             missing = sorted(_NAMES[n] for n in _NAMES if n not in ts)

@@ -12,7 +12,7 @@ The forward never forms ΔW (d_out × d_in): two small matmuls on the reshaped i
 Init (peft's `reset_adapter_parameters`): W1 = 0 (or W1a = 0 with W1b kaiming), W2 (or W2a, W2b)
 kaiming-uniform(a=√5). Identity at init: W1 = 0 makes ΔW = 0, y' == y bit for bit; step 1: only W1
 (W1a) gets a gradient. rank_dropout / module_dropout as loha (rank_dropout_scale: rescale the kept rows,
-peft's default False); `use_effective_conv2d` concerns conv layers only.
+peft's default False); `use_effective_conv2d`: convolutions (lycoris_conv.py).
 
 Merge (`ll.merge`): W_eff = W + s·kron(W1, W2), bias unchanged.
 Steering (`ll.scaled(model, c)`): y + c·x ΔWᵀ (c = 0: the base model, c = 1: the adapter).
@@ -31,6 +31,7 @@ from torch import nn
 from ..config import ConfigError, LoraLiteConfig
 from ..variant import ParamSpec, Variant, register
 from ._lycoris import check_lycoris, lycoris_config, lycoris_drop, lycoris_import
+from .lora import routed
 
 _TENSORS = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")  # lora_<name> here, lokr_<name> in peft
 
@@ -83,6 +84,8 @@ class LoKr(Variant):
               "rank_dropout_scale")  # fmt: skip
     peft_type = "LOKR"
     b_tensors = ()  # peft's LoRA+ B group takes "lora_B" names and 1-D tensors: LoKr has neither
+    kinds = ("linear", "conv")  # convolutions: lycoris_conv.py
+    route = classmethod(routed)
 
     @staticmethod
     def validate(cfg: LoraLiteConfig) -> None:
@@ -132,8 +135,8 @@ class LoKr(Variant):
         per: dict[str, dict] = {}
         for key, t in tensors.items():
             module, _, tname = key.rpartition(".")
-            if tname.removeprefix("lokr_") not in _TENSORS or not tname.startswith("lokr_"):
-                raise ValueError(f"tensor {key!r} is not a peft LoKr linear-layer tensor (lokr_t2 is conv-only)")
+            if tname.removeprefix("lokr_") not in (*_TENSORS, "t2") or not tname.startswith("lokr_"):
+                raise ValueError(f"tensor {key!r} is not a peft LoKr tensor")
             per.setdefault(module, {})["lora_" + tname.removeprefix("lokr_")] = t
         for module, ts in per.items():  # which of W1 / W2 are full is peft's rule again: check the file follows it
             for i in (1, 2):
