@@ -169,7 +169,7 @@ def _edit_config(path, **changes) -> None:
         (dict(rank_pattern={"q_proj": 8}), r"q_proj: rank 4 differs from the config's r=8 for this layer"),
         (dict(layer_replication=[[0, 1]]), r"\['layer_replication'\]"),
         (dict(peft_type="FOURIERFT"), r"peft_type 'FOURIERFT' is not supported"),
-        (dict(peft_type="LOHA"), r"lora_A.weight' is not a peft LoHa linear-layer tensor"),  # LoRA tensors
+        (dict(peft_type="LOHA"), r"lora_A.weight' is not a peft LoHa tensor"),  # LoRA tensors
         (dict(r=8), r"rank 4 differs from the config's r=8"),
         (dict(init_lora_weights="pissa_niter_4"), r"init_lora_weights='pissa_niter_4'.*path_initial_model"),
         (dict(init_lora_weights="corda"), r"init_lora_weights='corda'.*path_initial_model"),
