@@ -334,8 +334,6 @@ def test_vera_import_refuses_projections_that_are_not_the_key_s(tmp_path) -> Non
 @pytest.mark.parametrize(
     "make, option",
     [
-        (lambda k: _loha(k, rank_pattern={"q_proj": 8}), "rank_pattern"),
-        (lambda k: _lokr(k, alpha_pattern={"q_proj": 8}), "alpha_pattern"),
         (lambda k: _vera(k, modules_to_save=["lm_head"]), "modules_to_save"),
     ],
 )
@@ -347,6 +345,40 @@ def test_import_refuses_unsupported_peft_options_by_name(make, option, tmp_path)
     with pytest.raises(ll.LoadError, match=option):
         ll.import_peft(m, tmp_path)
     assert not ll.is_attached(m)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda k: _loha(k, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3.0}),
+        lambda k: _lokr(k, alpha_pattern={"q_proj": 8.0}),
+    ],
+    ids=["loha", "lokr"],
+)
+def test_rank_and_alpha_patterns_import_and_export_with_peft(make, tmp_path) -> None:
+    """peft LoHa / LoKr adapters with per-layer rank_pattern / alpha_pattern import with those ranks and scales
+    and reproduce peft's outputs; exported back, peft loads them and reproduces ours (fp32: 1e-5 relative)."""
+    from peft import PeftModel
+
+    case = Case("x", "x", 4, 1.0, make, map_loha)
+    pm = tpp.apply_peft(base_model("llama"), case, "llama", None)
+    with torch.no_grad():  # a trained-looking adapter (peft's W2b / W1 start at zero)
+        g = torch.Generator().manual_seed(3)
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(tmp_path / "peft")
+    m = base_model("llama")
+    ll.import_peft(m, tmp_path / "peft")
+    b = batches("llama", 1)[0]
+    with torch.no_grad():
+        want, got = output(pm, "llama", b), output(m, "llama", b)
+    assert rel_err(got, want) < 1e-5
+    assert {a._lora_lite.cfg.r for a in ll.targets(m).values()} != {1} and len(ll.targets(m))
+    ll.export_peft(m, tmp_path / "ours")
+    back = PeftModel.from_pretrained(base_model("llama"), tmp_path / "ours")
+    with torch.no_grad():
+        assert rel_err(output(back, "llama", b), got) < 1e-5
 
 
 def test_import_refuses_a_lokr_file_whose_factors_do_not_fit(tmp_path) -> None:

@@ -46,7 +46,7 @@ from ..named import adapter_state_dict, adapters, model_state, resolve
 from ..plan import plan
 from ..state import ParamAdapter
 from ..target import all_finite, is_conv1d, kind_of, unwrap
-from .peft_plans import PREFIX, _exact, _ia3_plan, _import_dtype, _lora_plan
+from .peft_plans import PREFIX, _applies, _exact, _ia3_plan, _import_dtype, _lora_plan
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -159,6 +159,9 @@ def _variant_plan(variant):
             fields, per = variant.peft_import(pc, bare)
         except ValueError as e:
             raise LoadError(f"{str(path)!r}: {e}") from None
+        for pattern in ("rank_pattern", "alpha_pattern"):  # keys matching no adapted layer: ignored, as peft does
+            if pattern in fields:
+                fields[pattern] = {k: v for k, v in fields[pattern].items() if _applies(k, sorted(per))}
         cfg = LoraLiteConfig(
             **fields, dtype=_import_dtype(tensors, dtype), target_names=_exact(sorted(per)), exclude_names=()
         )

@@ -12,7 +12,7 @@ from ..config import ConfigError, LoraLiteConfig
 from .lora import nonzero_alpha
 
 # peft Lycoris options lora-lite has no equivalent for: import refuses any that is set
-UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
+UNSUPPORTED = ("modules_to_save", "layers_to_transform")
 
 
 def check_lycoris(cfg: LoraLiteConfig, flags: tuple[str, ...] = ()) -> None:
@@ -58,11 +58,12 @@ def lycoris_import(pc: dict, kind: str, extra: tuple[str, ...] = ()) -> dict[str
     bad = [k for k in UNSUPPORTED if pc.get(k)]
     if bad:
         raise ValueError(
-            f"peft {kind} option(s) {bad} = {[pc[k] for k in bad]} have no lora-lite equivalent (one rank and "
-            "alpha for every layer, only the adapter tensors trained); cannot import"
+            f"peft {kind} option(s) {bad} = {[pc[k] for k in bad]} have no lora-lite equivalent for {kind} (only "
+            "the adapter tensors train); cannot import"
         )
     kw = {k: pc[k] for k in ("rank_dropout", "module_dropout", "use_effective_conv2d", *extra) if k in pc}
-    return dict(variant=kind.lower(), r=int(pc["r"]), alpha=float(pc["alpha"]), variant_kwargs=kw)
+    patterns = {k: dict(pc.get(k) or {}) for k in ("rank_pattern", "alpha_pattern")}  # per-layer r / alpha
+    return dict(variant=kind.lower(), r=int(pc["r"]), alpha=float(pc["alpha"]), variant_kwargs=kw, **patterns)
 
 
 def lycoris_config(cfg: LoraLiteConfig, **extra: Any) -> dict[str, Any]:
