@@ -70,3 +70,15 @@ def ad(layer, name: str = "default"):
     """The adapter's module on `layer` (its lora_* tensors and record `_lora_lite`); an adapter module as is."""
     stack = getattr(layer, "lora_lite", None)
     return layer if stack is None else stack[name]
+
+
+def perturb_trained(model, name: str, seed: int) -> None:
+    """Move every trainable tensor of adapter `name` off its init (relative to its scale): a trained-looking adapter."""
+    import lora_lite as ll
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in ll.targets(model, name).values():
+            for p in a._lora_lite.trainable:
+                t = getattr(a, p)
+                t.add_(0.3 * torch.randn(t.shape, generator=g) * (t.abs().mean() + 0.1))

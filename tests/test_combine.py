@@ -8,21 +8,12 @@ import logging
 
 import pytest
 import torch
-from _models import Toy, ad
+from _models import Toy, ad, perturb_trained
 
 import lora_lite as ll
 
 TARGETS = (r"layers\.\d+\.(q|up|down)$",)
 LAYERS = [f"layers.{i}.{m}" for i in range(2) for m in ("q", "up", "down")]
-
-
-def _perturb(model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for a in ll.targets(model, name).values():
-            for p in a._lora_lite.trainable:
-                t = getattr(a, p)
-                t.add_(0.3 * torch.randn(t.shape, generator=g) * (t.abs().mean() + 0.1))
 
 
 def _layer(model, lname):
@@ -159,7 +150,7 @@ def test_dora_peft_ignores_magnitudes_ours_is_exact():
     pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q"], use_dora=True))
     ours = copy.deepcopy(base)
     ll.attach(ours, ll.LoraLiteConfig(variant="dora", r=4, alpha=8.0, target_names=(r"\.q$",)))
-    _perturb(ours, "default", 1)
+    perturb_trained(ours, "default", 1)
     x = _x(ours.layers[0].q)
     with ll.disabled(ours):
         y0 = ours.layers[0].q(x)
@@ -202,7 +193,7 @@ def test_every_variant_combines_to_its_layer_outputs(variant):
         layers = (i,) if rewrites else None
         cfg = ll.LoraLiteConfig(variant=variant, target_names=TARGETS, layers=layers, **kw)
         ll.attach(model, cfg, calibration_data=calib if variant == "eva" else None, name=n)
-        _perturb(model, n, i)
+        perturb_trained(model, n, i)
     xs = {lname: _x(_layer(model, lname)) for lname in LAYERS}
     outs = {}
     for key in ("a", "b", None):
@@ -225,7 +216,7 @@ def test_every_variant_combines_to_its_layer_outputs(variant):
 def test_ia3_bias_change_is_refused_model_unchanged():
     model = Toy(bias=True)
     ll.attach(model, ll.LoraLiteConfig(variant="ia3", target_names=TARGETS), name="g")
-    _perturb(model, "g", 0)
+    perturb_trained(model, "g", 0)
     with pytest.raises(ll.AdapterError, match=r"changes the bias of layers\.0\.q.*cannot carry"):
         ll.combine(model, {"g": 1.0}, "c", method="svd")
     assert ll.adapters(model) == ["g"]
@@ -292,7 +283,7 @@ def test_cat_refuses_dense_only_variants_and_rewriting_sources_need_detach():
 
 def test_truncation_error_is_logged(caplog):
     model = _two_loras()
-    _perturb(model, "a", 0)
+    perturb_trained(model, "a", 0)
     with caplog.at_level(logging.INFO, logger="lora_lite"):
         ll.combine(model, {"a": 1.0, "b": 2.0}, "c", method="svd", r=1)
     assert "rank-1 SVD truncation, relative error max" in caplog.text
@@ -321,8 +312,8 @@ def test_gpt2_conv1d_layout():
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
     ll.attach(model, ll.LoraLiteConfig(r=4, alpha=8.0, layers=(0,)), name="a")
     ll.attach(model, ll.LoraLiteConfig(variant="pissa", r=4, alpha=8.0, layers=(1,)), name="p")
-    _perturb(model, "a", 0)
-    _perturb(model, "p", 1)
+    perturb_trained(model, "a", 0)
+    perturb_trained(model, "p", 1)
     want = model(input_ids=ids).logits
     ll.combine(model, {"a": 1.0}, "cat", method="cat")
     ll.set_active(model, ["cat", "p"])

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from _models import Toy
+from _models import Toy, perturb_trained
 
 import lora_lite as ll
 
@@ -17,15 +17,6 @@ from test_variants_common import CASES as _CASES  # noqa: E402
 
 VARIANTS = sorted(_CASES)  # every registered variant
 CALIB = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-
-
-def _perturb(model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for a in ll.targets(model, name).values():
-            for p in a._lora_lite.trainable:
-                t = getattr(a, p)
-                t.add_(0.3 * torch.randn(t.shape, generator=g) * (t.abs().mean() + 0.1))
 
 
 def _cfg(variant, **kw):
@@ -37,7 +28,7 @@ def _cfg(variant, **kw):
 def _adapted(base, cfg, seed, name="x"):
     model = copy.deepcopy(base)
     ll.attach(model, cfg, calibration_data=CALIB if cfg.variant == "eva" else None, name=name)
-    _perturb(model, name, seed)
+    perturb_trained(model, name, seed)
     return model
 
 

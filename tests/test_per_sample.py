@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _models import Toy, llama_batch, tiny_llama
+from _models import Toy, llama_batch, perturb_trained, tiny_llama
 
 import lora_lite as ll
 from lora_lite.state import STACK
@@ -14,15 +14,6 @@ TARGETS = (r"layers\.\d+\.(q|up|down)$",)
 from test_variants_common import CASES as _CASES  # noqa: E402
 
 VARIANTS = sorted(_CASES)  # every registered variant
-
-
-def _perturb(model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for a in ll.targets(model, name).values():
-            for p in a._lora_lite.trainable:
-                t = getattr(a, p)
-                t.add_(0.3 * torch.randn(t.shape, generator=g) * (t.abs().mean() + 0.1))
 
 
 def _alone(model, x, names):
@@ -60,7 +51,7 @@ def test_every_variant_mixed_batch_equals_rows_alone(variant):
     for i, n in enumerate("ab"):
         cfg = _cfg(variant, layers=(i,) if rewrites else None)
         ll.attach(model, cfg, calibration_data=calib if variant == "eva" else None, name=n)
-        _perturb(model, n, i)
+        perturb_trained(model, n, i)
     names = ["a", None, "b", "a", ("a", "b"), None, "b"]
     x = torch.randn(len(names), 16, generator=torch.Generator().manual_seed(5))
     with ll.per_sample(model, names):
@@ -74,7 +65,7 @@ def test_stack_of_output_and_input_side_adapters():
     model = Toy()
     for n, v in (("a", "lora"), ("h", "hra"), ("b", "dora"), ("g", "ia3_ff")):
         ll.attach(model, _cfg(v), name=n)
-        _perturb(model, n, len(n) + ord(n))
+        perturb_trained(model, n, len(n) + ord(n))
     names = [("a", "h"), ("h", "b"), "g", None, ("a", "h", "b", "g"), ("b", "a")]
     x = torch.randn(len(names), 3, 16, generator=torch.Generator().manual_seed(1))
     with ll.per_sample(model, names):
@@ -89,7 +80,7 @@ def test_lora_takes_one_batched_matmul_on_llama():
         n = f"l{i}"
         cfg = ll.LoraLiteConfig(r=r, alpha=alpha, target_roles=("reader", "writer", "inner"))
         ll.attach(model, cfg, name=n)
-        _perturb(model, n, i)
+        perturb_trained(model, n, i)
     names = ["l0", "l1", None, "l2", "l1", "l0"]
     ids = llama_batch(batch=len(names))
     with ll.per_sample(model, names):
@@ -113,7 +104,7 @@ def test_gradients_equal_the_sum_over_rows(variant):
     model = Toy()
     for i, n in enumerate("ab"):
         ll.attach(model, _cfg(variant), name=n)
-        _perturb(model, n, i)
+        perturb_trained(model, n, i)
     names = ["a", "b", None, "a"]
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -137,7 +128,7 @@ def test_scaled_inside_per_sample():
     model = Toy()
     for i, n in enumerate("ab"):
         ll.attach(model, _cfg("lora"), name=n)
-        _perturb(model, n, i)
+        perturb_trained(model, n, i)
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(4))
     with ll.per_sample(model, ["a", "b", "a"]), ll.scaled(model, {"a": 0.5, "b": -1.0}):
         y = model(x)
@@ -205,8 +196,8 @@ def test_gpt2_conv1d_with_pissa_and_dora():
     model = base_model("gpt2")
     ll.attach(model, ll.LoraLiteConfig(variant="pissa", r=4, alpha=8.0, layers=(0,)), name="p")
     ll.attach(model, ll.LoraLiteConfig(variant="dora", r=4, alpha=8.0, layers=(1,)), name="d")
-    _perturb(model, "p", 0)
-    _perturb(model, "d", 1)
+    perturb_trained(model, "p", 0)
+    perturb_trained(model, "d", 1)
     names = ["p", None, "d", ("p", "d"), "p"]
     ids = llama_batch(batch=len(names))
     with torch.no_grad():
